@@ -1,0 +1,16 @@
+.PHONY: setup test lint format demo bench
+setup:
+	bash scripts/setup.sh
+test:
+	.venv/bin/python -m pytest -q
+lint:
+	.venv/bin/ruff check vlcache tests scripts
+	.venv/bin/ruff format --check vlcache tests scripts
+	.venv/bin/mypy vlcache
+format:
+	.venv/bin/ruff check --fix vlcache tests scripts
+	.venv/bin/ruff format vlcache tests scripts
+demo:
+	.venv/bin/python scripts/demo.py
+bench:
+	.venv/bin/python scripts/bench_decode.py

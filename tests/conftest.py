@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny random LLaVA models built offline, and hand-built attention patterns."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vlcache.hf.tiny import tiny_llava, tiny_llava_next
+
+
+@pytest.fixture(scope="session")
+def llava():
+    return tiny_llava(seed=0, layers=3)
+
+
+@pytest.fixture(scope="session")
+def llava_eager():
+    return tiny_llava(seed=0, layers=3, attn="eager")
+
+
+@pytest.fixture(scope="session")
+def llava_next():
+    return tiny_llava_next(seed=1, layers=3)
+
+
+def peaked_qk(
+    targets: list[int], prompt_len: int, query_start: int, *, q_heads: int = 2, kv_heads: int = 1, c: float = 12.0
+):
+    """Queries/keys whose attention is a known pattern: row i attends (almost) only to targets[i].
+
+    Keys are scaled one-hot vectors (d = m), query row i is ``c · e_{targets[i]}``; with scale 1 the
+    target's logit is c² and every other visible key's is 0. Returns (queries (1,H_q,n,m), keys (1,H_kv,m,m)).
+    """
+    n = len(targets)
+    eye = torch.eye(prompt_len) * c
+    keys = eye.expand(1, kv_heads, prompt_len, prompt_len).clone()
+    rows = torch.stack([torch.eye(prompt_len)[t] * c for t in targets])
+    for i, t in enumerate(targets):
+        assert t <= query_start + i, "a row can only target a key it sees"
+    queries = rows.expand(1, q_heads, n, prompt_len).clone()
+    return queries, keys

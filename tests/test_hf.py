@@ -1,0 +1,248 @@
+"""The transformers integration on tiny random LLaVA-1.5 and LLaVA-NeXT models."""
+
+import pytest
+import torch
+
+import vlcache
+from tests.oracle import oracle_generate
+from vlcache import CompressionConfig, VLCache
+from vlcache.hf import decoder_stack, find_image_spans, project_queries
+from vlcache.hf.tiny import IMAGE_TOKEN, llava_inputs, llava_next_inputs, tiny_llava
+
+NEW = 6
+COMPRESSING = ["vlcache", "vlcache-uniform", "tgvkv", "snapkv", "h2o", "pyramidkv", "streaming", "random"]
+
+
+def plain(model, inputs, n=NEW):
+    with torch.no_grad():
+        out = model.generate(
+            **inputs, max_new_tokens=n, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
+    return out.sequences, out.logits
+
+
+def assert_logits_close(a, b, atol):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("method", COMPRESSING + ["full"])
+def test_budget_one_equals_plain_generate(llava, method):
+    inputs = llava_inputs(llava, seed=1)
+    seq, logits = plain(llava, inputs)
+    r = vlcache.generate(
+        llava, inputs, CompressionConfig(method=method, budget=1.0), max_new_tokens=NEW, return_logits=True
+    )
+    assert torch.equal(r.sequences, seq)
+    assert_logits_close(r.logits, logits, atol=1e-5)
+    m = inputs["input_ids"].shape[-1]
+    assert r.stats.kept_per_layer == [m] * 3 and r.stats.kv_bytes_after == r.stats.kv_bytes_before
+
+
+@pytest.mark.parametrize("fixture", ["llava_eager", "llava_next"])
+def test_budget_one_equals_plain_generate_eager_and_next(fixture, request):
+    model = request.getfixturevalue(fixture)
+    inputs = llava_next_inputs(model, seed=2) if fixture == "llava_next" else llava_inputs(model, seed=2)
+    seq, logits = plain(model, inputs)
+    r = vlcache.generate(model, inputs, CompressionConfig(budget=1.0), max_new_tokens=NEW, return_logits=True)
+    assert torch.equal(r.sequences, seq)
+    assert_logits_close(r.logits, logits, atol=1e-5)
+
+
+ORACLE_CASES = [
+    ("llava", "vlcache", True),
+    ("llava", "vlcache", False),
+    ("llava", "snapkv", True),
+    ("llava", "h2o", True),
+    ("llava", "pyramidkv", True),
+    ("llava", "streaming", True),
+    ("llava", "random", True),
+    ("llava_eager", "vlcache", True),
+    ("llava_next", "vlcache", True),
+    ("llava_next", "vlcache-uniform", False),
+]
+
+
+@pytest.mark.parametrize("fixture,method,per_head", ORACLE_CASES)
+def test_masking_oracle(fixture, method, per_head, request):
+    """Compacted ragged cache == full cache with exactly the evicted keys masked, step by step."""
+    model = request.getfixturevalue(fixture)
+    inputs = llava_next_inputs(model, seed=3) if fixture == "llava_next" else llava_inputs(model, seed=3)
+    session = VLCache(CompressionConfig(method=method, budget=0.3, per_head=per_head))
+    with session.apply(model), torch.no_grad():
+        out = model.generate(
+            **inputs, max_new_tokens=NEW, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
+    m = inputs["input_ids"].shape[-1]
+    kept = session.kept_indices
+    assert all(k is not None for k in kept)
+    assert [int(k.shape[-1]) for k in kept] == session.stats.kept_per_layer
+    assert sum(session.stats.kept_per_layer) == round(0.3 * 3 * m)
+    if not per_head:
+        assert all(bool((k == k[:, :1]).all()) for k in kept)
+    seq, logits = oracle_generate(model, inputs, kept, NEW)
+    assert torch.equal(out.sequences, seq)
+    assert_logits_close(out.logits, logits, atol=1e-4)
+    # and compression did change something (the oracle is not trivially equal to the full cache)
+    _, full_logits = plain(model, inputs)
+    assert max(float((a - b).abs().max()) for a, b in zip(out.logits[1:], full_logits[1:])) > 1e-3
+
+
+def test_positions_keep_counting_from_prompt_length(llava):
+    inputs = llava_inputs(llava, seed=4)
+    m = inputs["input_ids"].shape[-1]
+    seen = []
+    rotary = decoder_stack(llava).rotary_emb
+    handle = rotary.register_forward_hook(
+        lambda mod, args, kwargs, out: seen.append(kwargs.get("position_ids", args[-1]).flatten().tolist()),
+        with_kwargs=True,
+    )
+    try:
+        r = vlcache.generate(llava, inputs, CompressionConfig(budget=0.1), max_new_tokens=4)
+    finally:
+        handle.remove()
+    assert seen[0] == list(range(m))
+    assert [s[0] for s in seen[1:]] == [m, m + 1, m + 2]
+    assert max(r.stats.kept_per_layer) < m // 2  # the cache is much shorter than the positions
+
+
+def test_queries_recomputed_by_hooks_match_the_model(llava_eager):
+    """The RoPE'd queries the hooks rebuild give exactly the attention the eager model computed."""
+    inputs = llava_inputs(llava_eager, seed=5)
+    captured = {}
+    stack = decoder_stack(llava_eager)
+    attn0 = stack.layers[1].self_attn
+
+    def hook(mod, args, kwargs, out):
+        captured["q"] = project_queries(mod, kwargs["hidden_states"], kwargs["position_embeddings"])
+        captured["k"] = kwargs["past_key_values"].layers[1].keys
+        captured["w"] = out[1]
+
+    h = attn0.register_forward_hook(hook, with_kwargs=True)
+    try:
+        from transformers import DynamicCache
+
+        with torch.no_grad():
+            llava_eager(
+                **inputs,
+                past_key_values=DynamicCache(config=llava_eager.config),
+                use_cache=True,
+                output_attentions=True,
+            )
+    finally:
+        h.remove()
+    q, k = captured["q"], captured["k"]
+    from vlcache.core import post_vision_attention
+
+    mine = post_vision_attention(q, k, 0, scale=attn0.scaling)
+    torch.testing.assert_close(mine, captured["w"].float(), atol=1e-5, rtol=1e-4)
+
+
+def test_image_spans_and_post_vision_window(llava):
+    inputs = llava_inputs(llava, num_images=2, seed=6)
+    ids = inputs["input_ids"][0]
+    spans = find_image_spans(ids, IMAGE_TOKEN)
+    n = llava.config.image_seq_length
+    assert len(spans) == 2 and all(e - s == n for s, e in spans)
+    assert spans[0][1] < spans[1][0]
+    r = vlcache.generate(llava, inputs, CompressionConfig(budget=0.2), max_new_tokens=2)
+    assert r.stats.image_tokens == 2 * n
+    assert find_image_spans([5, 120, 120, 7, 120], 120) == ((1, 3), (4, 5))
+    assert find_image_spans([5, 6], None) == ()
+
+
+def test_text_only_prompt(llava):
+    ids = torch.tensor([[1] + list(range(10, 40))])
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    session = VLCache(CompressionConfig(budget=0.5))
+    with session.apply(llava), torch.no_grad():
+        out = llava.generate(
+            **inputs, max_new_tokens=NEW, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
+    assert session.stats.image_tokens == 0 and sum(session.stats.kept_per_layer) == round(0.5 * 3 * 31)
+    seq, logits = oracle_generate(llava, inputs, session.kept_indices, NEW)
+    assert torch.equal(out.sequences, seq)
+    assert_logits_close(out.logits, logits, atol=1e-4)
+
+
+def test_prompt_shorter_than_budget_floor(llava):
+    ids = torch.tensor([[1, 10, 11, 12, 13]])
+    r = vlcache.generate(llava, {"input_ids": ids}, CompressionConfig(budget=0.1), max_new_tokens=3)
+    # round(0.1 * 3 * 5) = 2 < 3 layers: every layer keeps the 1-token floor, generation proceeds.
+    assert r.stats.kept_per_layer == [1, 1, 1]
+    assert r.new_tokens.numel() == 3
+
+
+def test_tgvkv_decode_eviction_keeps_ratio(llava):
+    inputs = llava_inputs(llava, seed=7)
+    m = inputs["input_ids"].shape[-1]
+    session = VLCache(CompressionConfig(method="tgvkv", budget=0.2))
+    with session.apply(llava), torch.no_grad():
+        out = llava.generate(**inputs, max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
+        cache = out.past_key_values
+    kept = session.stats.kept_per_layer
+    for layer, k in zip(cache.layers, kept):
+        # 7 decode forwards appended 7 entries; the policy holds each layer near its ratio of m + 7.
+        assert layer.keys.shape[2] <= round((m + 7) * k / m) + 1
+    assert session.stats.decode_evictions > 0
+
+
+def test_memory_is_released(llava):
+    inputs = llava_inputs(llava, seed=8)
+    with VLCache(CompressionConfig(budget=0.1)).apply(llava) as s, torch.no_grad():
+        out = llava.generate(**inputs, max_new_tokens=1, do_sample=False, return_dict_in_generate=True)
+    for layer, k in zip(out.past_key_values.layers, s.stats.kept_per_layer):
+        assert layer.keys.untyped_storage().nbytes() == layer.keys.numel() * layer.keys.element_size()
+        assert layer.keys.shape[2] == k
+    ratio = s.stats.kv_bytes_after / s.stats.kv_bytes_before
+    assert ratio == pytest.approx(s.stats.kept_fraction) and abs(ratio - 0.1) < 0.01
+
+
+def test_batch_larger_than_one_is_refused_but_full_works(llava):
+    a, b = llava_inputs(llava, seed=9), llava_inputs(llava, seed=10)
+    batch = {k: torch.cat([a[k], b[k]]) for k in a}
+    with pytest.raises(ValueError, match="one prompt at a time"):
+        vlcache.generate(llava, batch, CompressionConfig(budget=0.5), max_new_tokens=2)
+    r = vlcache.generate(llava, batch, CompressionConfig(method="full"), max_new_tokens=2)
+    assert r.sequences.shape[0] == 2
+
+
+def test_padded_prompt_is_refused(llava):
+    inputs = llava_inputs(llava, seed=11)
+    inputs["attention_mask"][0, 0] = 0
+    with pytest.raises(ValueError, match="padded"):
+        vlcache.generate(llava, inputs, CompressionConfig(budget=0.5), max_new_tokens=2)
+
+
+def test_hooks_and_attention_are_restored_even_on_error(llava):
+    stack = decoder_stack(llava)
+    before = (
+        stack.config._attn_implementation,
+        len(stack.layers[0].self_attn._forward_hooks),
+        len(llava._forward_pre_hooks),
+    )
+    with pytest.raises(RuntimeError, match="boom"):
+        with VLCache(CompressionConfig()).apply(llava):
+            assert stack.config._attn_implementation == "vlcache_sdpa"
+            raise RuntimeError("boom")
+    after = (
+        stack.config._attn_implementation,
+        len(stack.layers[0].self_attn._forward_hooks),
+        len(llava._forward_pre_hooks),
+    )
+    assert before == after == ("sdpa", 0, 0)
+
+
+def test_unsupported_model_is_refused():
+    with pytest.raises(ValueError, match="not a supported model"):
+        with VLCache().apply(torch.nn.Linear(2, 2)):
+            pass
+
+
+def test_flash_attention_is_refused():
+    model = tiny_llava(layers=1)
+    decoder_stack(model).config._attn_implementation = "flex_attention"
+    with pytest.raises(ValueError, match="sdpa"):
+        with VLCache().apply(model):
+            pass

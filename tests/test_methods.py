@@ -1,0 +1,157 @@
+"""Every method on a hand-built attention pattern where the right kept set is known."""
+
+import pytest
+import torch
+
+from tests.conftest import peaked_qk
+from vlcache.config import CompressionConfig
+from vlcache.methods import LayerInput, PromptLayout, available, get_method
+
+M = 16
+LAYOUT = PromptLayout(M, ((3, 10),))  # text 0-2, image 3-9, text (the question) 10-15
+
+
+def run(method_name, targets_for_rows, k, layers=1, **cfg):
+    """Score one layer whose query row at position p attends only to targets_for_rows(p); select k."""
+    method = get_method(CompressionConfig(method=method_name, budget=0.5, **cfg))
+    start = method.query_start(LAYOUT)
+    targets = [targets_for_rows(p) for p in range(start, M)]
+    q, kk = peaked_qk(targets, M, start, q_heads=2, kv_heads=1) if targets else peaked_qk([0], M, M - 1)
+    if not targets:
+        q = q[:, :, :0]
+    inp = LayerInput(q, kk, start, 1.0, 0, layers)
+    out = method.score(inp, LAYOUT)
+    assert out.scores.shape == (1, 1, M)
+    return method, out, set(method.select(out.scores, k, LAYOUT)[0, 0].tolist())
+
+
+def pattern(p):
+    """Image rows (3-9) look at key 1; question rows look at image key 5, text key 11 and image key 8;
+    the last rows look at key 5."""
+    if p < 10:
+        return min(p, 1)
+    return {10: 5, 11: 11, 12: 8, 13: 5, 14: 5, 15: 5}[p]
+
+
+def test_available_lists_every_method():
+    assert set(available()) >= {
+        "full",
+        "vlcache",
+        "vlcache-uniform",
+        "tgvkv",
+        "snapkv",
+        "h2o",
+        "pyramidkv",
+        "streaming",
+        "random",
+    }
+
+
+def test_vlcache_keeps_what_the_question_attends_to():
+    method, out, kept = run("vlcache", pattern, 3)
+    assert method.query_start(LAYOUT) == 10  # post-vision window only
+    assert kept == {5, 8, 11}  # not key 1, which only the image rows attended to
+    # Peaked rows are sparse: low density.
+    assert out.weight is not None and out.weight < 0.3
+
+
+def test_vlcache_query_window_limits_rows():
+    method = get_method(CompressionConfig(method="vlcache", query_window=2))
+    assert method.query_start(LAYOUT) == M - 2
+
+
+def test_vlcache_budgets_follow_density():
+    method = get_method(CompressionConfig(method="vlcache", budget=0.25))
+    k = method.allocate([0.9, 0.1, 0.5], PromptLayout(100))
+    assert int(k.sum()) == 75 and k[0] > k[2] > k[1]
+    uni = get_method(CompressionConfig(method="vlcache-uniform", budget=0.25)).allocate(
+        [0.9, 0.1, 0.5], PromptLayout(100)
+    )
+    assert uni.tolist() == [25, 25, 25]
+
+
+def test_h2o_sums_all_queries_and_keeps_recent_half():
+    method, _, kept = run("h2o", pattern, 4)
+    assert method.query_start(LAYOUT) == 0
+    # recent half: 14, 15; heavy hitters over all rows: key 1 (rows 1-9) and key 5 (4 rows)
+    assert kept == {14, 15, 1, 5}
+
+
+def test_snapkv_uses_the_observation_window_and_keeps_it():
+    method, out, kept = run("snapkv", pattern, 4, window=3, pool_kernel=1)
+    assert method.query_start(LAYOUT) == 13
+    assert kept == {13, 14, 15, 5}
+
+
+def test_snapkv_pooling_spreads_to_neighbours():
+    _, out, _ = run("snapkv", pattern, 4, window=3, pool_kernel=5)
+    s = out.scores[0, 0]
+    assert float(s[3]) == pytest.approx(float(s[5])) == pytest.approx(float(s[7]))
+    assert float(s[8]) < float(s[5])
+
+
+def test_pyramidkv_budgets_decrease_with_depth():
+    method = get_method(CompressionConfig(method="pyramidkv", budget=0.2))
+    k = method.allocate([None] * 6, PromptLayout(200)).tolist()
+    assert sum(k) == 240 and k == sorted(k, reverse=True) and k[0] > k[-1]
+
+
+def test_streaming_keeps_sinks_and_recent():
+    _, _, kept = run("streaming", pattern, 7)
+    assert kept == {0, 1, 2, 3, 13, 14, 15}
+
+
+def test_random_is_seeded():
+    _, _, a = run("random", pattern, 5, seed=1)
+    _, _, b = run("random", pattern, 5, seed=1)
+    _, _, c = run("random", pattern, 5, seed=2)
+    assert a == b and len(a) == 5 and a != c
+
+
+def tgv_pattern(p):
+    """Question rows: 10 looks at image key 5, 12 at image key 8, and 13-15 at text token 12, which
+    makes 12 an important text token (u_12 = 3/4) while nobody looks at 10 (u_10 ~ 0)."""
+    if p < 10:
+        return min(p, 1)
+    return {10: 5, 11: 11, 12: 8, 13: 12, 14: 12, 15: 12}[p]
+
+
+def test_tgvkv_ranks_text_first_then_vision_by_text_guidance():
+    method, out, kept = run("tgvkv", tgv_pattern, 11)
+    assert method.per_head is False
+    # sinks 0-3 (the first 4 tokens, image or not), all question text 10-15, then one vision token:
+    # 8, looked at by the important text token 12 (TWR), not 5, looked at by the unimportant 10.
+    assert kept == {0, 1, 2, 3, 10, 11, 12, 13, 14, 15, 8}
+    s = out.scores[0, 0]
+    assert float(s[8]) == pytest.approx(0.75, abs=1e-3) and float(s[5]) < 1e-3
+    text = [0, 1, 2, 10, 11, 12, 13, 14, 15]
+    assert float(s[text].min()) > float(s[3:10].max())
+    # TVB weight: question rows' attention mass on image keys (rows 10 and 12).
+    assert out.weight == pytest.approx(2.0, abs=1e-3)
+
+
+def test_tgvkv_always_keeps_sinks_and_last_token():
+    _, _, kept = run("tgvkv", pattern, 5)
+    assert {0, 1, 2, 3, 15} == kept
+
+
+def test_tgvkv_decode_policy_evicts_to_the_ratio():
+    method = get_method(CompressionConfig(method="tgvkv", budget=0.5))
+    layout = PromptLayout(10, ((2, 6),))
+    policy = method.decode_policy(torch.tensor([5]), layout)
+    policy.set_protected(0, torch.tensor([[[0, 1, 3, 8, 9]]]))  # 2 post-image tokens kept -> protected tail 2
+    attn = torch.full((1, 2, 1, 6), 0.1)
+    attn[..., 4] = 0.0  # the least-attended position outside sinks and tail
+    # seen = 11 tokens, ratio 0.5 -> 6 allowed; a 6-entry cache is within budget.
+    assert policy.step(0, attn, 6) is None
+    attn7 = torch.full((1, 2, 1, 7), 0.1)
+    attn7[..., 4] = 0.0
+    attn7[..., 5] = 0.0  # inside the protected tail (positions 5, 6) -> never chosen
+    # seen = 12 -> 6 allowed; 7 entries -> evict one, the argmin in [sinks=4, 7-2) = position 4.
+    assert policy.step(0, attn7, 7) == 4
+
+
+def test_full_does_not_compress():
+    method = get_method(CompressionConfig(method="full"))
+    assert method.compresses is False
+    assert method.allocate([None, None], PromptLayout(7)).tolist() == [7, 7]

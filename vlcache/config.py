@@ -1,0 +1,96 @@
+"""`CompressionConfig`: what to evict and how much. Validates itself and hashes what changes results.
+
+One source of truth for the defaults: the CLI flags, the build manifest and the methods all read
+them from here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+
+from vlcache.core.budgets import check_budget
+from vlcache.core.sparsity import DEFAULT_THRESHOLD
+
+# Bump when the meaning of a field changes, so old hashes stop matching.
+CONFIG_SCHEMA = 1
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """KV-cache compression settings for one prompt.
+
+    Attributes:
+        method: a registered method name (see ``vlcache.methods.available()``).
+        budget: α, the fraction of the prompt's KV entries kept after prefill, in (0, 1].
+        threshold: p of VL-Cache's sparsity filter: attention below ``p · rowmax`` counts as zero.
+        min_layer_budget: β_min, the smallest fraction of the prompt any layer keeps (≥ 1 token).
+        per_head: each KV head keeps its own top-k (True) or one set per layer shared by heads.
+        window: SnapKV / PyramidKV observation window, in tokens (the window itself is kept).
+        pool_kernel: SnapKV's max-pooling kernel over key scores (odd).
+        sinks: leading tokens always kept by StreamingLLM and TGV-KV.
+        query_window: VL-Cache scores with the whole post-vision span when None; with the last
+            ``query_window`` prompt tokens otherwise (the paper's speed setup used 50).
+        pyramid_beta: PyramidKV's ratio between the mean and the smallest layer budget.
+        chunk_size: query rows per chunk when computing attention statistics (memory, not results).
+        seed: seed of the `random` baseline.
+    """
+
+    method: str = "vlcache"
+    budget: float = 0.1
+    threshold: float = DEFAULT_THRESHOLD
+    min_layer_budget: float = 0.01
+    per_head: bool = True
+    window: int = 32
+    pool_kernel: int = 5
+    sinks: int = 4
+    query_window: int | None = None
+    pyramid_beta: float = 20.0
+    chunk_size: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        from vlcache.methods import available  # lazy: methods import this module's neighbours
+
+        if self.method not in available():
+            raise ValueError(f"unknown method {self.method!r}; known methods: {', '.join(available())}")
+        check_budget(self.budget)
+        if not 0.0 <= self.threshold < 1.0:
+            raise ValueError(f"threshold must lie in [0, 1), got {self.threshold}")
+        if not 0.0 <= self.min_layer_budget <= 1.0:
+            raise ValueError(f"min_layer_budget must lie in [0, 1], got {self.min_layer_budget}")
+        for name in ("window", "pool_kernel", "chunk_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.pool_kernel % 2 == 0:
+            raise ValueError(f"pool_kernel must be odd, got {self.pool_kernel}")
+        if self.sinks < 0:
+            raise ValueError(f"sinks must be >= 0, got {self.sinks}")
+        if self.query_window is not None and self.query_window < 1:
+            raise ValueError(f"query_window must be >= 1 or None, got {self.query_window}")
+        if self.pyramid_beta < 1:
+            raise ValueError(f"pyramid_beta must be >= 1, got {self.pyramid_beta}")
+
+    def min_keep(self, prompt_len: int) -> int:
+        """k_min in tokens for a prompt of ``prompt_len`` tokens: ``max(1, ceil(β_min · m))``."""
+        return max(1, math.ceil(self.min_layer_budget * prompt_len - 1e-9))
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> CompressionConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown CompressionConfig fields: {', '.join(unknown)}")
+        return cls(**data)  # type: ignore[arg-type]
+
+    def compute_hash(self) -> str:
+        """Stable 16-hex-digit hash of every field that changes results (chunk_size does not)."""
+        payload = {k: v for k, v in self.to_dict().items() if k != "chunk_size"}
+        payload["schema"] = CONFIG_SCHEMA
+        blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -1,0 +1,50 @@
+"""Pure tensor functions behind every method: no transformers, onnx or tensorrt import here.
+
+Runners (HF, ONNX Runtime, TensorRT) and the plugin kernels are all checked against these.
+"""
+
+from vlcache.core.attention import (
+    attention_column_sums,
+    group_mean,
+    iter_attention_chunks,
+    post_vision_attention,
+    visible_counts,
+)
+from vlcache.core.budgets import (
+    allocate_budgets,
+    check_budget,
+    proportional_budgets,
+    pyramid_budgets,
+    total_budget,
+    uniform_budgets,
+)
+from vlcache.core.selection import compact, forced_positions, select_kept
+from vlcache.core.sparsity import (
+    DEFAULT_THRESHOLD,
+    PostVisionStats,
+    layer_density,
+    post_vision_statistics,
+    vlcache_scores,
+)
+
+__all__ = [
+    "DEFAULT_THRESHOLD",
+    "PostVisionStats",
+    "allocate_budgets",
+    "attention_column_sums",
+    "check_budget",
+    "compact",
+    "forced_positions",
+    "group_mean",
+    "iter_attention_chunks",
+    "layer_density",
+    "post_vision_attention",
+    "post_vision_statistics",
+    "proportional_budgets",
+    "pyramid_budgets",
+    "select_kept",
+    "total_budget",
+    "uniform_budgets",
+    "visible_counts",
+    "vlcache_scores",
+]

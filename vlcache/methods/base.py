@@ -1,0 +1,169 @@
+"""The method interface: a method scores tokens; allocation, selection and compaction are shared.
+
+A method sees one layer at a time during prefill (:class:`LayerInput`) and returns per-key scores
+and, optionally, a layer weight (:class:`LayerScore`). After the last layer, :meth:`Method.allocate`
+turns the weights into per-layer budgets, and :meth:`Method.select` picks the kept indices with
+:func:`vlcache.core.select_kept`. A method with a decode-time policy returns it from
+:meth:`Method.decode_policy`. Most methods only write :meth:`Method.score`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from vlcache.core import select_kept, uniform_budgets
+
+if TYPE_CHECKING:
+    from vlcache.config import CompressionConfig
+
+
+@dataclass(frozen=True)
+class PromptLayout:
+    """Where the images are in a prompt of ``prompt_len`` tokens.
+
+    Attributes:
+        prompt_len: m.
+        image_spans: half-open ``(start, end)`` positions of each image's tokens, ascending.
+    """
+
+    prompt_len: int
+    image_spans: tuple[tuple[int, int], ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.prompt_len < 1:
+            raise ValueError("a prompt needs at least one token")
+        last = 0
+        for s, e in self.image_spans:
+            if not last <= s < e <= self.prompt_len:
+                raise ValueError(f"bad image spans {self.image_spans} for a {self.prompt_len}-token prompt")
+            last = e
+
+    @property
+    def post_vision_start(self) -> int:
+        """v: first position after the last image token (0 without images); at most m − 1, so the
+        post-vision window always holds at least the last prompt token."""
+        end = self.image_spans[-1][1] if self.image_spans else 0
+        return min(end, self.prompt_len - 1)
+
+    @property
+    def num_image_tokens(self) -> int:
+        return sum(e - s for s, e in self.image_spans)
+
+    def image_mask(self, device: torch.device | None = None) -> torch.Tensor:
+        """(m,) bool, True on image tokens."""
+        mask = torch.zeros(self.prompt_len, dtype=torch.bool, device=device)
+        for s, e in self.image_spans:
+            mask[s:e] = True
+        return mask
+
+
+@dataclass
+class LayerInput:
+    """One layer's prefill tensors, handed to :meth:`Method.score`.
+
+    Attributes:
+        queries: (B, H_q, n, d) query rows at positions ``query_start .. m-1``, after RoPE.
+        keys: (B, H_kv, m, d) the layer's prompt keys as cached (after RoPE).
+        query_start: absolute position of the first query row (as asked by :meth:`Method.query_start`).
+        scale: the attention's softmax scale.
+        layer_idx: l; num_layers: L.
+    """
+
+    queries: torch.Tensor
+    keys: torch.Tensor
+    query_start: int
+    scale: float
+    layer_idx: int
+    num_layers: int
+
+
+@dataclass
+class LayerScore:
+    """scores: (B, H_kv, m), higher = keep; weight: this layer's share for budget allocation."""
+
+    scores: torch.Tensor
+    weight: float | None = None
+
+
+class DecodePolicy:
+    """Evicts during decode. Called after layer ``layer_idx`` attended with one new query.
+
+    Returns the position (in the layer's current cache) to evict, or None.
+    """
+
+    def step(self, layer_idx: int, attention: torch.Tensor, cache_len: int) -> int | None:  # pragma: no cover
+        raise NotImplementedError
+
+
+class Method:
+    """Base class. Subclasses set ``name`` and ``paper`` and implement :meth:`score`."""
+
+    name: ClassVar[str]
+    paper: ClassVar[str] = ""
+    #: False for `full`: the runner skips scoring and compaction entirely.
+    compresses: ClassVar[bool] = True
+    #: Selection shared by all heads of a layer regardless of ``config.per_head``.
+    shared_selection: ClassVar[bool] = False
+
+    def __init__(self, config: CompressionConfig) -> None:
+        self.config = config
+
+    # --- what a method writes -------------------------------------------------------------
+    def query_start(self, layout: PromptLayout) -> int:
+        """First prompt position whose query :meth:`score` needs (m: no queries)."""
+        return layout.prompt_len
+
+    def score(self, inp: LayerInput, layout: PromptLayout) -> LayerScore:  # pragma: no cover
+        raise NotImplementedError
+
+    def allocate(self, weights: Sequence[float | None], layout: PromptLayout) -> torch.Tensor:
+        """(L,) tokens kept per layer. Default: uniform."""
+        return uniform_budgets(len(weights), self.config.budget, layout.prompt_len, self.min_keep(layout))
+
+    def forced(self, layout: PromptLayout, k: int) -> tuple[int, int]:
+        """``(sinks, recent)`` positions always kept in a layer that keeps k tokens."""
+        return 0, 0
+
+    def decode_policy(self, budgets: torch.Tensor, layout: PromptLayout) -> DecodePolicy | None:
+        return None
+
+    # --- shared ---------------------------------------------------------------------------
+    def min_keep(self, layout: PromptLayout) -> int:
+        return self.config.min_keep(layout.prompt_len)
+
+    @property
+    def per_head(self) -> bool:
+        return self.config.per_head and not self.shared_selection
+
+    def select(self, scores: torch.Tensor, k: int, layout: PromptLayout) -> torch.Tensor:
+        """(B, H_kv, m) scores -> (B, H_kv, k) kept indices in original order."""
+        sinks, recent = self.forced(layout, k)
+        return select_kept(scores, k, per_head=self.per_head, sinks=sinks, recent=recent)
+
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a method available by its ``name``."""
+    if cls.name in _REGISTRY:
+        raise ValueError(f"method {cls.name!r} registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available() -> list[str]:
+    """Names of the registered methods, in registration order."""
+    return list(_REGISTRY)
+
+
+def get_method(config: CompressionConfig) -> Method:
+    """Instantiate the method named by ``config.method``."""
+    try:
+        return _REGISTRY[config.method](config)
+    except KeyError:
+        raise ValueError(f"unknown method {config.method!r}; known methods: {', '.join(available())}") from None
