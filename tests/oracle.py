@@ -24,20 +24,26 @@ def _oracle_attention(kept, prompt_len):
         hidden = torch.arange(kv_len)[None, :] > rows  # causal
         w = w.masked_fill(hidden, float("-inf"))
         idx = kept[module.layer_idx]
-        if idx is not None and kv_len > prompt_len:  # decode: hide the evicted prompt keys
+        if idx is not None and kv_len > prompt_len:  # rows past the prompt: hide the evicted prompt keys
             evicted = torch.ones(b, h_kv, kv_len, dtype=torch.bool)
             evicted[..., prompt_len:] = False
             evicted.scatter_(2, idx, False)
-            w = w.masked_fill(evicted.repeat_interleave(group, dim=1)[:, :, None, :], float("-inf"))
+            after_prompt = (rows >= prompt_len)[None, None]  # (1, 1, q, 1)
+            hide = evicted.repeat_interleave(group, dim=1)[:, :, None, :] & after_prompt
+            w = w.masked_fill(hide, float("-inf"))
         p = torch.softmax(w.float(), dim=-1).to(query.dtype)
         return (p @ v).transpose(1, 2).contiguous(), p
 
     return fn
 
 
-def oracle_generate(model, inputs, kept, max_new_tokens):
-    """Greedy generate with the full cache and the evicted keys masked; returns (sequences, logits)."""
-    m = inputs["input_ids"].shape[-1]
+def oracle_generate(model, inputs, kept, max_new_tokens, prompt_len=None):
+    """Greedy generate with the full cache and the evicted keys masked; returns (sequences, logits).
+
+    ``prompt_len``: length of the compressed prompt (default: all of ``inputs["input_ids"]``); rows
+    after it see only the kept prompt keys.
+    """
+    m = inputs["input_ids"].shape[-1] if prompt_len is None else prompt_len
     AttentionInterface.register(NAME, _oracle_attention(kept, m))
     AttentionMaskInterface.register(NAME, sdpa_mask)
     cfg = decoder_stack(model).config

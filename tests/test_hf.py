@@ -246,3 +246,25 @@ def test_flash_attention_is_refused():
     with pytest.raises(ValueError, match="sdpa"):
         with VLCache().apply(model):
             pass
+
+
+@pytest.mark.parametrize("method", ["vlcache", "snapkv"])
+def test_followup_on_compressed_cache_matches_oracle(llava, method):
+    """A second question appended to the compressed cache == the full sequence with the evicted
+    prompt keys masked for every row after the prompt."""
+    from vlcache.hf.continuation import continue_greedy
+
+    inputs = llava_inputs(llava, seed=12)
+    m = inputs["input_ids"].shape[-1]
+    q2 = torch.tensor([[5, 6, 7, 8, 9]])
+    session = VLCache(CompressionConfig(method=method, budget=0.3))
+    with session.apply(llava), torch.no_grad():
+        out = llava.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+        seq = out.sequences
+        cont = continue_greedy(llava, out.past_key_values, torch.cat([seq[:, -1:], q2], 1), seq.shape[1] - 1, 4)
+    full = torch.cat([seq, q2], 1)
+    oracle_inputs = {"input_ids": full, "attention_mask": torch.ones_like(full), "pixel_values": inputs["pixel_values"]}
+    oracle_seq, _ = oracle_generate(llava, oracle_inputs, session.kept_indices, 4, prompt_len=m)
+    assert oracle_seq[0, full.shape[1] :].tolist() == cont.tolist()
+    with pytest.raises(ValueError):
+        continue_greedy(llava, out.past_key_values, torch.zeros(1, 0, dtype=torch.long), 0, 1)
