@@ -22,7 +22,9 @@ from vlcache.methods import available
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--method", default=CompressionConfig.method, choices=available())
     p.add_argument("--budgets", default="1.0,0.1", help="comma-separated fractions of the prompt's KV kept")
     p.add_argument("--max-new-tokens", type=int, default=16)

@@ -1,0 +1,366 @@
+"""Train `llava-tiny`: a real LlavaForConditionalGeneration on the `digits` task, on a CPU.
+
+Recipe (deterministic from --seed):
+1. Vision pretraining: the CLIP tower (patch 4 on 64 × 64 → 256 tokens) learns, per patch token,
+   the digit in its cell and the cell's row and column (linear heads, discarded afterwards). This
+   gives image features that differ between images and carry their location, which is what the
+   language model needs to look a cell up by content.
+2. Instruction tuning: the whole LLaVA (vision tower at a lower learning rate) learns to answer
+   ``<image> question ?`` with ``= answer </s>``; loss on the answer tokens only. A curriculum
+   starts with lookup questions, then mixes in count and compare.
+3. Validation accuracy (greedy, full cache) on the val split; the checkpoint, tokenizer and
+   processor are saved in standard HF format (safetensors) to --out.
+
+    .venv/bin/python scripts/train_tiny_llava.py --out vlcache/models/llava-tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from vlcache.eval.tasks import ANSWER_PREFIX, IMAGE_SIZE, DigitScenes, cell_of_patch, format_prompt, vocabulary
+
+PATCH = 4
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
+
+
+def build_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(SPECIALS + vocabulary())}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    fast.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    return fast
+
+
+def build_processor():
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": IMAGE_SIZE},
+        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        do_center_crop=True,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=build_tokenizer(),
+        patch_size=PATCH,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+
+
+def build_model(tokenizer, args):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(
+        hidden_size=args.vision_hidden,
+        intermediate_size=2 * args.vision_hidden,
+        num_hidden_layers=args.vision_layers,
+        num_attention_heads=4,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH,
+        projection_dim=args.vision_hidden,
+    )
+    text = LlamaConfig(
+        hidden_size=args.hidden,
+        intermediate_size=3 * args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    cfg = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=(IMAGE_SIZE // PATCH) ** 2,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    model = LlavaForConditionalGeneration(cfg)
+    model.set_attn_implementation({"text_config": "sdpa", "vision_config": "sdpa"})
+    # PyTorch-default init of the patch convolution: HF's CLIP init makes image features nearly
+    # identical across images, and training then sits at the answer prior.
+    model.model.vision_tower.embeddings.patch_embedding.reset_parameters()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+def pixels(images) -> torch.Tensor:
+    """PIL 64 × 64 RGB -> (B, 3, 64, 64) normalised like the processor (mean 0.5, std 0.5)."""
+    arr = np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in images])
+    return torch.from_numpy((arr - 0.5) / 0.5).permute(0, 3, 1, 2).contiguous()
+
+
+PATCH_CELLS = torch.tensor([cell_of_patch(i, PATCH) for i in range((IMAGE_SIZE // PATCH) ** 2)])  # (256, 2)
+
+
+def pretrain_vision(model, args, log):
+    tower = model.model.vision_tower
+    hidden = model.config.vision_config.hidden_size
+    heads = torch.nn.ModuleDict(
+        {"digit": torch.nn.Linear(hidden, 10), "row": torch.nn.Linear(hidden, 4), "col": torch.nn.Linear(hidden, 4)}
+    )
+    opt = torch.optim.AdamW(list(tower.parameters()) + list(heads.parameters()), lr=args.vision_lr, weight_decay=0.0)
+    scenes = DigitScenes("train", seed=args.seed)
+    rows, cols = PATCH_CELLS[:, 0], PATCH_CELLS[:, 1]
+    bar = tqdm(range(args.vision_steps), desc="vision pretraining", mininterval=5)
+    for step in bar:
+        idx = range(step * args.batch, (step + 1) * args.batch)
+        batch = [scenes.scene(i) for i in idx]
+        px = pixels([b[0] for b in batch])
+        grid = torch.from_numpy(np.stack([b[1] for b in batch]))  # (B, 4, 4)
+        feats = tower(px, output_hidden_states=True).hidden_states[-1][:, 1:]  # (B, 256, H), CLS dropped
+        digit_t = grid[:, rows, cols]  # (B, 256)
+        loss = (
+            F.cross_entropy(heads["digit"](feats).flatten(0, 1), digit_t.flatten())
+            + F.cross_entropy(heads["row"](feats).flatten(0, 1), rows.repeat(len(batch)))
+            + F.cross_entropy(heads["col"](feats).flatten(0, 1), cols.repeat(len(batch)))
+        )
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 20 == 0:
+            with torch.no_grad():
+                acc = float((heads["digit"](feats).argmax(-1) == digit_t).float().mean())
+            bar.set_postfix(loss=f"{loss.item():.3f}", patch_acc=f"{acc:.3f}")
+            log.append({"stage": "vision", "step": step, "loss": loss.item(), "patch_digit_acc": acc})
+    # held-out check on val digits
+    val = DigitScenes("val", seed=args.seed)
+    with torch.no_grad():
+        batch = [val.scene(i) for i in range(64)]
+        feats = tower(pixels([b[0] for b in batch]), output_hidden_states=True).hidden_states[-1][:, 1:]
+        logits = heads["digit"](feats)  # (B, 256, 10)
+        grid = torch.from_numpy(np.stack([b[1] for b in batch]))
+        cell_logits = torch.zeros(len(batch), 4, 4, 10)
+        cell_logits.index_put_((torch.arange(len(batch))[:, None], rows[None], cols[None]), logits, accumulate=True)
+        cell_acc = float((cell_logits.argmax(-1) == grid).float().mean())
+    log.append({"stage": "vision", "val_cell_digit_acc": cell_acc})
+    print(f"vision pretraining: held-out per-cell digit accuracy {cell_acc:.3f}")
+    return cell_acc
+
+
+def encode_batch(items, tokenizer, image_token_id, n_image):
+    """Token ids ``<s> <image>*256 Q ? = A </s>``; a pair of samples on one scene continues with
+    ``Q2 ? = A2 </s>`` (the follow-up format). Labels on the ``= A </s>`` tokens only."""
+    seqs, labels = [], []
+    for item in items:
+        first, *rest = item if isinstance(item, tuple) else (item,)
+        prompt = tokenizer(format_prompt(first.question))["input_ids"]
+        img_pos = prompt.index(image_token_id)
+        ids = prompt[:img_pos] + [image_token_id] * n_image + prompt[img_pos + 1 :]
+        lab = [-100] * len(ids)
+        for k, s in enumerate([first, *rest]):
+            if k:
+                q = tokenizer(s.question, add_special_tokens=False)["input_ids"]
+                ids, lab = ids + q, lab + [-100] * len(q)
+            answer = tokenizer(f"{ANSWER_PREFIX} {s.answers[0]}", add_special_tokens=False)["input_ids"]
+            answer = answer + [tokenizer.eos_token_id]
+            ids, lab = ids + answer, lab + answer
+        seqs.append(ids)
+        labels.append(lab)
+    width = max(len(x) for x in seqs)
+    pad = tokenizer.pad_token_id
+    ids_t = torch.tensor([x + [pad] * (width - len(x)) for x in seqs])
+    lab_t = torch.tensor([y + [-100] * (width - len(y)) for y in labels])
+    mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in seqs])
+    return ids_t, mask, lab_t
+
+
+@torch.no_grad()
+def vision_features(model, images, batch: int = 64) -> torch.Tensor:
+    """(N, 256, H_vision) the tower's features as LLaVA selects them (layer -1, CLS dropped)."""
+    out = []
+    for i in range(0, len(images), batch):
+        hs = model.model.vision_tower(pixels(images[i : i + batch]), output_hidden_states=True).hidden_states
+        out.append(hs[model.config.vision_feature_layer][:, 1:].clone())
+    return torch.cat(out)
+
+
+def embed_with_features(model, ids: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+    """What LlavaForConditionalGeneration does with pixel_values, from cached tower features:
+    token embeddings with the image placeholders replaced by the projected features."""
+    embeds = model.get_input_embeddings()(ids)
+    projected = model.model.multi_modal_projector(feats)  # (B, 256, hidden)
+    mask = (ids == model.config.image_token_index).unsqueeze(-1)
+    return embeds.masked_scatter(mask, projected.to(embeds.dtype))
+
+
+def curriculum_mix(step, args):
+    if step < args.lookup_only_steps:
+        return {"lookup": 1.0}
+    return {"lookup": 0.5, "count": 0.25, "compare": 0.25}
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, split, n, seed, image_token_id, n_image):
+    """Greedy full-cache accuracy on n samples of a split, per kind."""
+    model.eval()
+    scenes = DigitScenes(split, seed=seed)
+    correct: dict[str, list[int]] = {}
+    for i in range(0, n, 32):
+        batch = [scenes.sample(j) for j in range(i, min(i + 32, n))]
+        ids, mask, lab = encode_batch(batch, tokenizer, image_token_id, n_image)
+        logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels([s.image for s in batch])).logits
+        # the answer token is the second labelled position ('=' first); teacher-forced '=' is
+        # what greedy decoding produces once the model has learnt the format
+        for b, s in enumerate(batch):
+            pos = (lab[b] != -100).nonzero().flatten()
+            pred = tokenizer.decode([int(logits[b, pos[1] - 1].argmax())]).strip()
+            ok_prefix = int(logits[b, pos[0] - 1].argmax()) == int(lab[b, pos[0]])
+            correct.setdefault(s.kind, []).append(int(ok_prefix and pred in s.answers))
+    model.train()
+    per_kind = {k: sum(v) / len(v) for k, v in correct.items()}
+    overall = sum(sum(v) for v in correct.values()) / sum(len(v) for v in correct.values())
+    return overall, per_kind
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument("--out", type=Path, default=Path("vlcache/models/llava-tiny"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--vision-steps", type=int, default=400)
+    p.add_argument("--steps", type=int, default=3000, help="instruction-tuning steps")
+    p.add_argument("--lookup-only-steps", type=int, default=800)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--projector-lr", type=float, default=3e-3)
+    p.add_argument("--vision-lr", type=float, default=1e-3)
+    p.add_argument("--vision-hidden", type=int, default=128)
+    p.add_argument("--vision-layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument(
+        "--scene-pool", type=int, default=8192, help="training scenes whose tower features are cached for stage 2"
+    )
+    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--eval-samples", type=int, default=256)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = p.parse_args()
+
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t_start = time.time()
+    processor = build_processor()
+    tok = processor.tokenizer
+    model = build_model(tok, args)
+    image_token_id = model.config.image_token_index
+    n_image = model.config.image_seq_length
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"llava-tiny: {n_params / 1e6:.2f}M parameters, {n_image} image tokens")
+    log: list[dict] = []
+    model.train()
+    pretrain_vision(model, args, log)
+
+    # Stage 2: the tower is frozen; its features for a pool of training scenes are computed once.
+    for p_ in model.model.vision_tower.parameters():
+        p_.requires_grad_(False)
+    pool = DigitScenes("train", seed=args.seed + 1)
+    print(f"caching tower features of {args.scene_pool} training scenes")
+    pool_feats = vision_features(model, [pool.scene(i)[0] for i in range(args.scene_pool)])
+    check = [pool.sample(0), pool.sample(1)]
+    ids, mask, lab = encode_batch(check, tok, image_token_id, n_image)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, pixel_values=pixels([s.image for s in check])).logits
+        mine = model(inputs_embeds=embed_with_features(model, ids, pool_feats[:2]), attention_mask=mask).logits
+    assert torch.allclose(ref, mine, atol=1e-4), "cached-feature path differs from pixel_values path"
+
+    projector_params = list(model.model.multi_modal_projector.parameters())
+    lm_params = list(model.model.language_model.parameters()) + list(model.lm_head.parameters())
+    opt = torch.optim.AdamW(
+        [{"params": projector_params, "lr": args.projector_lr}, {"params": lm_params, "lr": args.lr}],
+        weight_decay=0.01,
+    )
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    warmup = 100
+    gen = torch.Generator().manual_seed(args.seed)
+    bar = tqdm(range(args.steps), desc="instruction tuning", mininterval=5)
+    for step in bar:
+        scale = min(1.0, (step + 1) / warmup) * (0.5 * (1 + math.cos(math.pi * step / args.steps)) * 0.9 + 0.1)
+        for g, lr in zip(opt.param_groups, base_lrs):
+            g["lr"] = lr * scale
+        mix = curriculum_mix(step, args)
+        scenes = DigitScenes("train", seed=args.seed + 1, mix=mix)
+        chosen = torch.randint(0, args.scene_pool, (args.batch,), generator=gen).tolist()
+        pairs = step >= args.lookup_only_steps
+        batch = [
+            (scenes.sample(i, salt=step * 2 + 1), scenes.sample(i, salt=step * 2 + 2))
+            if pairs and k % 4 == 0
+            else scenes.sample(i, salt=step * 2 + 1)
+            for k, i in enumerate(chosen)
+        ]
+        ids, mask, lab = encode_batch(batch, tok, image_token_id, n_image)
+        out = model(inputs_embeds=embed_with_features(model, ids, pool_feats[chosen]), attention_mask=mask, labels=lab)
+        opt.zero_grad()
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(projector_params + lm_params, 1.0)
+        opt.step()
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{out.loss.item():.3f}")
+            log.append({"stage": "lm", "step": step, "loss": out.loss.item(), "seconds": time.time() - t_start})
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            acc, per_kind = evaluate(model, tok, "val", args.eval_samples, args.seed, image_token_id, n_image)
+            log.append(
+                {
+                    "stage": "lm",
+                    "step": step + 1,
+                    "val_acc": acc,
+                    "per_kind": per_kind,
+                    "seconds": time.time() - t_start,
+                }
+            )
+            tqdm.write(
+                f"step {step + 1}: val accuracy {acc:.3f} {json.dumps({k: round(v, 3) for k, v in per_kind.items()})}"
+            )
+
+    acc, per_kind = evaluate(model, tok, "val", 1024, args.seed, image_token_id, n_image)
+    print(f"final validation accuracy (1024 samples, full cache): {acc:.3f} {per_kind}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    model.save_pretrained(args.out, safe_serialization=True)
+    processor.save_pretrained(args.out)
+    meta = {
+        "recipe": vars(args) | {"out": str(args.out)},
+        "val_accuracy": acc,
+        "val_per_kind": per_kind,
+        "parameters": n_params,
+        "train_seconds": time.time() - t_start,
+        "log": log,
+    }
+    (args.out / "training_log.json").write_text(json.dumps(meta, indent=1, default=str))
+    print(json.dumps({"val_accuracy": acc, "per_kind": per_kind, "train_seconds": round(time.time() - t_start)}))
+
+
+if __name__ == "__main__":
+    main()

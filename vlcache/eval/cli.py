@@ -1,0 +1,271 @@
+"""`vlcache-eval`: accuracy vs KV budget for compression methods on a VQA task.
+
+    vlcache-eval --model llava-tiny --task digits --methods full,vlcache,snapkv \\
+        --budgets 1.0,0.1,0.02 --samples 200 --out runs/digits
+
+Prints a table (accuracy, accuracy relative to the full cache, kept KV fraction per method ×
+budget), writes OUT/results.json (summary rows, per-kind accuracy and every sample's predictions),
+OUT/results.csv and OUT/accuracy.png, and ends stdout with one JSON line ``{"results": [...]}``.
+User mistakes end with a one-line error and exit status 2; nothing is written unless the run
+completes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from vlcache.eval import EvalError
+
+PROG = "vlcache-eval"
+DEFAULT_METHODS = "full,vlcache,tgvkv,snapkv,h2o,pyramidkv,streaming,random"
+DEFAULT_BUDGETS = "1.0,0.2,0.1,0.05,0.02,0.01"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block), like every other error of this command."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog=PROG,
+        description=__doc__.splitlines()[0] if __doc__ else None,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--model",
+        default="llava-tiny",
+        help="'llava-tiny' (the bundled checkpoint in vlcache/models/llava-tiny) or a local HF checkpoint "
+        "folder of a LLaVA-1.5 (model_type llava) or LLaVA-NeXT (llava_next) model; nothing is downloaded",
+    )
+    p.add_argument(
+        "--task",
+        default="digits",
+        help="'digits' (synthetic handwritten-digit scenes, exact match) or a .jsonl file with one "
+        '{"image": path, "question": str, "answers": [str, ...]} per line (optional "metric", "kind"; '
+        "image paths relative to the file's folder)",
+    )
+    p.add_argument(
+        "--methods",
+        default=DEFAULT_METHODS,
+        help="comma-separated compression methods; 'full' (budget 1.0) is always run once as the reference",
+    )
+    p.add_argument(
+        "--budgets",
+        default=DEFAULT_BUDGETS,
+        help="comma-separated KV budgets α in (0, 1]: the fraction of the prompt's KV entries kept",
+    )
+    p.add_argument(
+        "--samples", type=int, default=None, help="number of samples; None: 100 for digits, every line of a JSONL file"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the digits scenes and of the 'random' method")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"), help="digits split")
+    p.add_argument("--max-new-tokens", type=int, default=4, help="tokens generated greedily per answer")
+    p.add_argument(
+        "--followup",
+        action="store_true",
+        help="digits only: compress while prefilling the first question, answer it, then ask a second "
+        "question about the same image on the compressed cache and score both answers",
+    )
+    p.add_argument(
+        "--metric",
+        choices=("vqa", "anls", "exact"),
+        default=None,
+        help='metric of JSONL lines without a "metric" key; None: vqa. digits always uses exact match',
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        default=argparse.SUPPRESS,
+        help="output folder (absent or empty unless --force)",
+    )
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out folder once the run completes")
+    p.add_argument("--device", default="cpu", help="torch device for the model, e.g. cpu or cuda")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="model dtype")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar (stderr)")
+    return p
+
+
+def parse_methods(text: str) -> list[str]:
+    """Comma-separated method names, checked against ``vlcache.methods.available()``."""
+    from vlcache.methods import available
+
+    methods = list(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
+    if not methods:
+        raise EvalError("--methods is empty")
+    known = available()
+    for m in methods:
+        if m not in known:
+            raise EvalError(f"unknown method {m!r}; known methods: {', '.join(known)}")
+    return methods
+
+
+def parse_budgets(text: str) -> list[float]:
+    """Comma-separated budgets, each in (0, 1]."""
+    budgets: list[float] = []
+    for item in (b.strip() for b in text.split(",")):
+        if not item:
+            continue
+        try:
+            b = float(item)
+        except ValueError:
+            raise EvalError(f"bad budget {item!r} in --budgets: expected numbers in (0, 1]") from None
+        if math.isnan(b) or not 0.0 < b <= 1.0:
+            raise EvalError(
+                f"budget {item} is outside (0, 1]: a budget is the fraction of the prompt's KV entries kept"
+            )
+        if b not in budgets:
+            budgets.append(b)
+    if not budgets:
+        raise EvalError("--budgets is empty")
+    return budgets
+
+
+def _versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    import vlcache
+
+    return {"vlcache": vlcache.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Evaluate, write the outputs and return the results.json content (raises EvalError)."""
+    if args.samples is not None and args.samples < 1:
+        raise EvalError(f"--samples must be >= 1, got {args.samples}")
+    if args.max_new_tokens < 1:
+        raise EvalError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.threads < 0:
+        raise EvalError(f"--threads must be >= 0, got {args.threads}")
+    methods = parse_methods(args.methods)
+    budgets = parse_budgets(args.budgets)
+
+    from vlcache.eval.report import aggregate, check_out_dir, format_table, write_outputs
+
+    check_out_dir(args.out, args.force)
+    from vlcache.eval.datasets import load_task
+
+    task = load_task(
+        args.task, args.samples, split=args.split, seed=args.seed, metric=args.metric, followup=args.followup
+    )
+
+    import torch
+    from tqdm import tqdm
+
+    from vlcache.eval.models import load_model
+    from vlcache.eval.runner import evaluate_sample, make_configs
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    configs = make_configs(methods, budgets, seed=args.seed)
+    pairs = [(c.method, c.budget) for c in configs]
+
+    t0 = time.perf_counter()
+    records = []
+    samples_out = []
+    bar = tqdm(
+        total=len(task.samples) * len(configs),
+        desc=f"{PROG} {Path(task.name).name}",
+        unit="gen",
+        file=sys.stderr,
+        disable=args.no_progress,
+        mininterval=0.5,
+        dynamic_ncols=True,
+    )
+    with bar, torch.no_grad():
+        for sample in task.samples:
+            bar.set_postfix(sample=sample.index)
+            try:
+                recs = evaluate_sample(
+                    loaded,
+                    sample,
+                    configs,
+                    style=task.prompt_style,
+                    max_new_tokens=args.max_new_tokens,
+                    followup=args.followup,
+                )
+            except ValueError as e:  # transformers / vlcache refusing these inputs (e.g. processor ≠ model)
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise EvalError(f"the model rejected sample {sample.index} of {task.name}: {first}") from None
+            bar.update(len(configs))
+            records += recs
+            entry: dict[str, Any] = {
+                "index": sample.index,
+                "question": sample.question,
+                "answers": list(sample.answers),
+                "kind": sample.kind,
+                "metric": sample.metric,
+            }
+            if sample.image_path is not None:
+                entry["image"] = str(sample.image_path)
+            if args.followup and sample.followup is not None:
+                entry["followup"] = {
+                    "question": sample.followup.question,
+                    "answers": list(sample.followup.answers),
+                    "kind": sample.followup.kind,
+                }
+            entry["predictions"] = [
+                {k: v for k, v in r.to_dict().items() if k not in ("sample", "kind", "followup_kind")} for r in recs
+            ]
+            samples_out.append(entry)
+    seconds = time.perf_counter() - t0
+
+    rows = aggregate(records, pairs, followup=args.followup)
+    mode = "followup" if args.followup else "single"
+    n = len(task.samples)
+    results: dict[str, Any] = {
+        "results": rows,
+        "n": n,
+        "mode": mode,
+        "model": args.model,
+        "model_path": str(loaded.path),
+        "model_type": loaded.model_type,
+        "task": task.name,
+        "split": args.split if task.name == "digits" else None,
+        "seed": args.seed,
+        "max_new_tokens": args.max_new_tokens,
+        "methods": methods,
+        "budgets": budgets,
+        "device": str(loaded.device),
+        "dtype": args.dtype,
+        "seconds": seconds,
+        "versions": _versions(),
+        "samples": samples_out,
+    }
+    title = f"{PROG}: {Path(task.name).name} ({n} samples, {mode}) on {args.model}"
+    print(format_table(rows, title))
+    write_outputs(args.out, results, title=title, force=args.force)
+    print(f"wrote {args.out}/results.json, results.csv, accuracy.png")
+    print(json.dumps({"results": rows, "n": n, "mode": mode, "out": str(args.out)}))
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; ``argv`` defaults to ``sys.argv[1:]``. Returns 0 or exits with a one-line error."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        run(args)
+    except EvalError as e:
+        parser.exit(2, f"{PROG}: error: {e}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, f"{PROG}: interrupted; nothing written\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""Generate one sample's answers under a list of compression configs, and score them.
+
+Contract:
+* :func:`make_configs` always puts ``full`` at budget 1.0 first (the reference), then every other
+  method at every budget, in the order given, without duplicates.
+* :func:`evaluate_sample` runs the processor once for the sample, then, for each config, greedy
+  :func:`vlcache.generate` with ``max_new_tokens`` and returns one :class:`Record` per config, in
+  config order: the decoded answer, its score under the sample's metric, and the compression stats.
+* Follow-up protocol (``followup=True``; the sample must carry ``followup``): inside one
+  ``VLCache(config).apply(model)`` block, prefill ``<image> Q1`` with compression, generate the
+  first answer, then feed the last generated token (which ``generate`` never feeds into the cache)
+  followed by `` Q2`` (tokenised without special tokens) on the compressed cache, at positions
+  that keep counting from the full sequence length, and decode greedily with
+  :func:`vlcache.hf.continuation.continue_greedy`. Both answers are scored; the follow-up is
+  appended even when the first answer ended with the end-of-sequence token.
+* Prompts: ``digits`` style is ``tasks.format_prompt(question)`` and the answer is the word after
+  ``=``; ``chat`` style uses the processor's chat template when it has one (else
+  ``<image>\\n question``) and the whole stripped generation is the answer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from vlcache.config import CompressionConfig
+from vlcache.eval.datasets import EvalSample
+from vlcache.eval.metrics import score
+from vlcache.eval.models import LoadedModel
+
+REFERENCE = "full"
+
+
+@dataclass
+class Record:
+    """One sample answered under one config.
+
+    Attributes:
+        sample, kind: the sample's index and question kind. method, budget: the config.
+        prediction: the parsed answer; text: the decoded generation (special tokens dropped);
+        tokens: the generated token ids. score: in [0, 1] under the sample's metric.
+        kv_kept: ``stats.kept_fraction`` (kept prompt KV entries / all); kv_bytes_before / after:
+        the prompt cache's bytes before and after compression. seconds: wall time of this config.
+        followup_*: the same for the follow-up question (follow-up mode only, else None).
+    """
+
+    sample: int
+    kind: str
+    method: str
+    budget: float
+    prediction: str
+    text: str
+    tokens: list[int]
+    score: float
+    kv_kept: float
+    kv_bytes_before: int
+    kv_bytes_after: int
+    seconds: float
+    followup_kind: str | None = None
+    followup_prediction: str | None = None
+    followup_text: str | None = None
+    followup_tokens: list[int] | None = None
+    followup_score: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if self.followup_score is None:
+            d = {k: v for k, v in d.items() if not k.startswith("followup_")}
+        return d
+
+
+def make_configs(methods: Sequence[str], budgets: Sequence[float], seed: int = 0) -> list[CompressionConfig]:
+    """``full`` at 1.0, then each other method × each budget (config errors raise ValueError)."""
+    configs = [CompressionConfig(method=REFERENCE, budget=1.0, seed=seed)]
+    seen = {(REFERENCE, 1.0)}
+    for method in methods:
+        if method == REFERENCE:
+            continue
+        for budget in budgets:
+            if (method, float(budget)) not in seen:
+                seen.add((method, float(budget)))
+                configs.append(CompressionConfig(method=method, budget=float(budget), seed=seed))
+    return configs
+
+
+def build_prompt(processor: Any, question: str, style: str) -> str:
+    """The text handed to the processor with the image (see the module docstring)."""
+    if style == "digits":
+        from vlcache.eval.tasks import format_prompt
+
+        return format_prompt(question)
+    if style != "chat":
+        raise ValueError(f"unknown prompt style {style!r}")
+    if getattr(processor, "chat_template", None):
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        return str(processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False))
+    return f"<image>\n{question}"
+
+
+def parse_prediction(text: str, style: str) -> str:
+    """The answer inside a decoded generation."""
+    if style == "digits":
+        from vlcache.eval.tasks import parse_answer
+
+        return parse_answer(text)
+    return text.strip()
+
+
+def prepare_inputs(loaded: LoadedModel, sample: EvalSample, style: str) -> dict[str, Any]:
+    """Processor outputs for the sample (batch 1) on the model's device; floats in its dtype."""
+    prompt = build_prompt(loaded.processor, sample.question, style)
+    batch = loaded.processor(images=sample.load_image(), text=prompt, return_tensors="pt")
+    device, dtype = loaded.device, loaded.dtype
+    return {
+        k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) if hasattr(v, "to") else v
+        for k, v in batch.items()
+    }
+
+
+def evaluate_sample(
+    loaded: LoadedModel,
+    sample: EvalSample,
+    configs: Sequence[CompressionConfig],
+    *,
+    style: str,
+    max_new_tokens: int,
+    followup: bool = False,
+) -> list[Record]:
+    """Answer ``sample`` under every config (one :class:`Record` each, in order)."""
+    if followup and sample.followup is None:
+        raise ValueError(f"sample {sample.index} has no follow-up question")
+    inputs = prepare_inputs(loaded, sample, style)
+    records = []
+    for config in configs:
+        t0 = time.perf_counter()
+        if followup:
+            assert sample.followup is not None
+            tokens, stats, f_tokens = _generate_followup(
+                loaded, inputs, config, sample.followup.question, max_new_tokens
+            )
+        else:
+            import vlcache
+
+            result = vlcache.generate(loaded.model, inputs, config, max_new_tokens=max_new_tokens)
+            tokens, stats, f_tokens = result.new_tokens.tolist(), result.stats, None
+        seconds = time.perf_counter() - t0
+        text = loaded.tokenizer.decode(tokens, skip_special_tokens=True)
+        prediction = parse_prediction(text, style)
+        record = Record(
+            sample=sample.index,
+            kind=sample.kind,
+            method=config.method,
+            budget=config.budget,
+            prediction=prediction,
+            text=text,
+            tokens=tokens,
+            score=score(sample.metric, prediction, sample.answers),
+            kv_kept=float(stats.kept_fraction),
+            kv_bytes_before=int(stats.kv_bytes_before),
+            kv_bytes_after=int(stats.kv_bytes_after),
+            seconds=seconds,
+        )
+        if f_tokens is not None and sample.followup is not None:
+            second = sample.followup
+            record.followup_kind = second.kind
+            record.followup_text = loaded.tokenizer.decode(f_tokens, skip_special_tokens=True)
+            record.followup_prediction = parse_prediction(record.followup_text, style)
+            record.followup_tokens = f_tokens
+            record.followup_score = score(second.metric, record.followup_prediction, second.answers)
+        records.append(record)
+    return records
+
+
+def _generate_followup(
+    loaded: LoadedModel, inputs: dict[str, Any], config: CompressionConfig, question: str, max_new_tokens: int
+) -> tuple[list[int], Any, list[int]]:
+    """First answer, its stats and the follow-up answer's tokens (see the module docstring)."""
+    import torch
+
+    from vlcache.hf.continuation import continue_greedy
+    from vlcache.hf.session import VLCache
+
+    model = loaded.model
+    prompt_len = inputs["input_ids"].shape[-1]
+    q2 = loaded.tokenizer(f" {question}", add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with VLCache(config).apply(model) as session, torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True)
+        sequences = out.sequences
+        new_ids = torch.cat([sequences[:, -1:], q2.to(sequences.device)], dim=1)
+        second = continue_greedy(
+            model,
+            out.past_key_values,
+            new_ids,
+            start_position=sequences.shape[1] - 1,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=loaded.eos_token_id,
+        )
+    if session.stats is None:
+        raise RuntimeError("the model ran no prefill through its text decoder; is it a supported model?")
+    return sequences[0, prompt_len:].tolist(), session.stats, second.tolist()
