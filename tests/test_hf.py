@@ -268,3 +268,24 @@ def test_followup_on_compressed_cache_matches_oracle(llava, method):
     assert oracle_seq[0, full.shape[1] :].tolist() == cont.tolist()
     with pytest.raises(ValueError):
         continue_greedy(llava, out.past_key_values, torch.zeros(1, 0, dtype=torch.long), 0, 1)
+
+
+def test_manual_decode_without_position_ids_gets_true_positions(llava):
+    """A hand-written loop that passes no position_ids decodes like one that passes m + t."""
+    from transformers import DynamicCache
+
+    inputs = llava_inputs(llava, seed=13)
+    m = inputs["input_ids"].shape[-1]
+    runs = []
+    for explicit in (True, False):
+        with VLCache(CompressionConfig(budget=0.2)).apply(llava), torch.no_grad():
+            cache = DynamicCache(config=llava.config)
+            logits = llava(**inputs, past_key_values=cache, use_cache=True).logits[:, -1]
+            steps = []
+            for t in range(3):
+                tok = logits.argmax(-1, keepdim=True)
+                kw = {"position_ids": torch.tensor([[m + t]])} if explicit else {}
+                logits = llava(input_ids=tok, past_key_values=cache, use_cache=True, **kw).logits[:, -1]
+                steps.append(logits)
+        runs.append(torch.cat(steps))
+    torch.testing.assert_close(runs[0], runs[1], atol=0, rtol=0)

@@ -31,6 +31,39 @@ def _check_shapes(queries: torch.Tensor, keys: torch.Tensor, query_start: int) -
     return h_q // h_kv, m
 
 
+def chunk_logits(queries: torch.Tensor, keys_t: torch.Tensor, row_start: int, scale: float, group: int) -> torch.Tensor:
+    """Scaled, causally masked logits of one chunk of query rows.
+
+    Args:
+        queries: (B, H_q, c, d) rows at positions ``row_start ..``.
+        keys_t: (B, H_kv, d, m) float32 keys, transposed.
+        group: G = H_q / H_kv.
+
+    Returns:
+        (B, H_q, c, m) float32, ``-inf`` where the causal mask hides a key. The G query heads of a
+        group are stacked into one matmul against their shared key head: no key is copied.
+    """
+    b, h_q, c, d = queries.shape
+    h_kv, m = keys_t.shape[1], keys_t.shape[3]
+    q = queries.float().reshape(b, h_kv, group * c, d)
+    logits = torch.matmul(q, keys_t).mul_(scale).view(b, h_kv, group, c, m)
+    if row_start + 1 < m:  # only keys after the first row's position can be hidden
+        cols = torch.arange(row_start + 1, m, device=keys_t.device)
+        rows = torch.arange(row_start, row_start + c, device=keys_t.device)
+        logits[..., row_start + 1 :].masked_fill_(cols[None, :] > rows[:, None], float("-inf"))
+    return logits.view(b, h_q, c, m)
+
+
+def _prepare(
+    queries: torch.Tensor, keys: torch.Tensor, query_start: int, scale: float | None, chunk_size: int
+) -> tuple[int, float, torch.Tensor]:
+    group, _ = _check_shapes(queries, keys, query_start)
+    if chunk_size < 1:
+        raise ValueError("chunk_size must be >= 1")
+    scale = 1.0 / math.sqrt(queries.shape[-1]) if scale is None else scale
+    return group, scale, keys.float().transpose(-1, -2)
+
+
 def iter_attention_chunks(
     queries: torch.Tensor,
     keys: torch.Tensor,
@@ -52,22 +85,33 @@ def iter_attention_chunks(
         row_offset: index (into ``queries``) of the chunk's first row.
         probs: (B, H_q, c, m) float32 softmax over keys, exactly 0 where the causal mask hides a key.
     """
-    group, m = _check_shapes(queries, keys, query_start)
-    if chunk_size < 1:
-        raise ValueError("chunk_size must be >= 1")
-    b, h_q, n, d = queries.shape
-    h_kv = keys.shape[1]
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
-    k = keys.float().unsqueeze(2)  # (B, H_kv, 1, m, d)
-    key_pos = torch.arange(m, device=keys.device)
+    group, scale, keys_t = _prepare(queries, keys, query_start, scale, chunk_size)
+    n = queries.shape[2]
     for lo in range(0, n, chunk_size):
         hi = min(lo + chunk_size, n)
-        q = queries[:, :, lo:hi].float().reshape(b, h_kv, group, hi - lo, d)
-        logits = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, H_kv, G, c, m)
-        row_pos = torch.arange(query_start + lo, query_start + hi, device=keys.device)
-        hidden = key_pos[None, :] > row_pos[:, None]  # (c, m)
-        logits = logits.masked_fill(hidden, float("-inf"))
-        yield lo, torch.softmax(logits, dim=-1).reshape(b, h_q, hi - lo, m)
+        logits = chunk_logits(queries[:, :, lo:hi], keys_t, query_start + lo, scale, group)
+        yield lo, torch.softmax(logits, dim=-1)
+
+
+def iter_unnormalised_chunks(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    query_start: int,
+    *,
+    scale: float | None = None,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Like :func:`iter_attention_chunks`, without the division: yields ``(row_offset, e, z)`` with
+    ``e = exp(logits − rowmax)`` (B, H_q, c, m) in [0, 1] (the row max is exactly 1) and ``z`` its
+    row sums (B, H_q, c, 1), so ``probs = e / z``. Saves a full pass when only ratios to the row
+    max (thresholds) and weighted column sums are needed."""
+    group, scale, keys_t = _prepare(queries, keys, query_start, scale, chunk_size)
+    n = queries.shape[2]
+    for lo in range(0, n, chunk_size):
+        hi = min(lo + chunk_size, n)
+        e = chunk_logits(queries[:, :, lo:hi], keys_t, query_start + lo, scale, group)
+        e.sub_(e.amax(dim=-1, keepdim=True)).exp_()
+        yield lo, e, e.sum(dim=-1, keepdim=True)
 
 
 def post_vision_attention(
@@ -118,7 +162,7 @@ def attention_column_sums(
 ) -> torch.Tensor:
     """(B, H_q, m) float32: attention each key receives, summed over the given query rows."""
     b, h_q = queries.shape[:2]
-    total = torch.zeros(b, h_q, keys.shape[2], dtype=torch.float32, device=keys.device)
-    for _, probs in iter_attention_chunks(queries, keys, query_start, scale=scale, chunk_size=chunk_size):
-        total += probs.sum(dim=2)
-    return total
+    total = torch.zeros(b, h_q, 1, keys.shape[2], dtype=torch.float32, device=keys.device)
+    for _, e, z in iter_unnormalised_chunks(queries, keys, query_start, scale=scale, chunk_size=chunk_size):
+        total += torch.matmul(z.reciprocal().transpose(-1, -2), e)
+    return total.squeeze(2)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vlcache.core.attention import DEFAULT_CHUNK, group_mean, iter_attention_chunks, visible_counts
+from vlcache.core.attention import DEFAULT_CHUNK, group_mean, iter_unnormalised_chunks, visible_counts
 
 DEFAULT_THRESHOLD = 0.01
 
@@ -107,11 +107,18 @@ def post_vision_statistics(
     _check_threshold(threshold)
     b, h_q, tau, _ = queries.shape
     m = keys.shape[2]
-    column_sums = torch.zeros(b, h_q, m, dtype=torch.float32, device=keys.device)
+    column_sums = torch.zeros(b, h_q, 1, m, dtype=torch.float32, device=keys.device)
     zeroed = torch.zeros(b, h_q, dtype=torch.float32, device=keys.device)
-    for lo, probs in iter_attention_chunks(queries, keys, query_start, scale=scale, chunk_size=chunk_size):
-        column_sums += probs.sum(dim=2)
-        zeroed += _zeroed_per_head(probs, query_start + lo, threshold).float()
+    for lo, e, z in iter_unnormalised_chunks(queries, keys, query_start, scale=scale, chunk_size=chunk_size):
+        # A_qj < p · max_j A_qj  <=>  e_qj < p, since A = e / z and max_j e_qj = 1.
+        below = (e < threshold).sum(dim=(-1, -2)).float()
+        if threshold > 0:  # hidden keys have e = 0 < p: take them back out
+            c = e.shape[2]
+            first = query_start + lo
+            below -= float(c * m - (visible_counts(first, c).sum()))
+        zeroed += below
+        column_sums += torch.matmul(z.reciprocal().transpose(-1, -2), e)  # Σ_q e_qj / z_q
+    column_sums = column_sums.squeeze(2)
     visible = visible_counts(query_start, tau, keys.device).sum().float()
     density = 1.0 - (zeroed / visible).mean(dim=1) if tau else torch.ones(b, device=keys.device)
     return PostVisionStats(column_sums, density, group_mean(column_sums, keys.shape[1]))

@@ -9,8 +9,9 @@ Contract:
   with sdpa and eager alike. After the last layer the budgets are allocated, every layer's K/V is
   compacted to its own length (new storage; the old is freed) and the stats are recorded.
 * Decode: generated tokens are appended and never evicted, except by a method's decode policy
-  (TGV-KV). Positions keep counting from the prompt length (transformers derives them from the
-  attention mask, not from the cache length).
+  (TGV-KV, active only inside the ``apply`` block of its prefill). Positions keep counting from the
+  prompt length: ``generate`` passes them; for a hand-written loop on the session's cache without
+  ``position_ids`` the session supplies them (transformers would otherwise use the cache length).
 * One sequence at a time: a compressing method refuses batch size > 1 and padded prompts with a
   ValueError (each prompt's budgets differ, so rows could not share a cache tensor).
 """
@@ -87,6 +88,8 @@ class _State:
         self.cache: Any = None
         self.policy: DecodePolicy | None = None
         self.scoring_seconds = 0.0
+        self.seen = 0  # tokens the sequence has seen: the next position
+        self.compacted = False
 
 
 class VLCache:
@@ -144,14 +147,24 @@ class VLCache:
         return hook
 
     def _start(self, state: _State, image_token: int | None):  # type: ignore[no-untyped-def]
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
             cache = kwargs.get("past_key_values")
             embeds = kwargs.get("inputs_embeds")
             ids = kwargs.get("input_ids", args[0] if args else None)
             x = embeds if isinstance(embeds, torch.Tensor) else ids
             state.prefill = cache is not None and cache.get_seq_length() == 0 and isinstance(x, torch.Tensor)
-            if not state.prefill or not isinstance(x, torch.Tensor):
-                return
+            if not isinstance(x, torch.Tensor):
+                return None
+            if not state.prefill:
+                n = x.shape[1]
+                if cache is not None and cache is state.cache:
+                    state.seen += n
+                    # After eviction the cache length is no position: without explicit position_ids
+                    # transformers would take them from layer 0's (compacted) length.
+                    if kwargs.get("position_ids") is None and state.compacted:
+                        kwargs["position_ids"] = torch.arange(state.seen - n, state.seen, device=x.device)[None]
+                        return args, kwargs
+                return None
             batch, m = x.shape[0], x.shape[1]
             if self.method.compresses:
                 if batch != 1:
@@ -166,10 +179,13 @@ class VLCache:
                 find_image_spans(ids_full[0], image_token) if ids_full is not None and ids_full.shape[-1] == m else ()
             )
             state.layout = PromptLayout(m, spans)
+            state.seen = m
+            state.compacted = False
             state.scores = {}
             state.cache = cache
             state.policy = None
             state.scoring_seconds = 0.0
+            return None
 
         return hook
 
@@ -237,6 +253,7 @@ class VLCache:
                         layer.keys = compact(layer.keys, kept)
                         layer.values = compact(layer.values, kept)
                         self.kept_indices[i] = kept
+                        state.compacted = True
                         if policy is not None and hasattr(policy, "set_protected"):
                             policy.set_protected(i, kept)
                 state.policy = policy
