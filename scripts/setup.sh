@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-EXTRAS=${VLCACHE_EXTRAS:-dev}
+EXTRAS=${VLCACHE_EXTRAS:-dev,eval}
 if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi

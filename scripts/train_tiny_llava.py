@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -121,6 +122,14 @@ def pixels(images) -> torch.Tensor:
 PATCH_CELLS = torch.tensor([cell_of_patch(i, PATCH) for i in range((IMAGE_SIZE // PATCH) ** 2)])  # (256, 2)
 
 
+def cell_means(feats: torch.Tensor) -> torch.Tensor:
+    """(B, 256, H) row-major patch features -> (B, 4, 4, H) mean over each cell's 4 × 4 patches."""
+    b, _, h = feats.shape
+    side = IMAGE_SIZE // PATCH
+    per = side // 4
+    return feats.reshape(b, 4, per, 4, per, h).mean(dim=(2, 4))
+
+
 def pretrain_vision(model, args, log):
     tower = model.model.vision_tower
     hidden = model.config.vision_config.hidden_size
@@ -137,9 +146,11 @@ def pretrain_vision(model, args, log):
         px = pixels([b[0] for b in batch])
         grid = torch.from_numpy(np.stack([b[1] for b in batch]))  # (B, 4, 4)
         feats = tower(px, output_hidden_states=True).hidden_states[-1][:, 1:]  # (B, 256, H), CLS dropped
-        digit_t = grid[:, rows, cols]  # (B, 256)
+        # The digit is read from the mean of a cell's 16 patch tokens (what an attention head over
+        # the cell sees); the row and column from every patch token on its own.
+        cell_feats = cell_means(feats)  # (B, 4, 4, H)
         loss = (
-            F.cross_entropy(heads["digit"](feats).flatten(0, 1), digit_t.flatten())
+            F.cross_entropy(heads["digit"](cell_feats).flatten(0, 2), grid.flatten())
             + F.cross_entropy(heads["row"](feats).flatten(0, 1), rows.repeat(len(batch)))
             + F.cross_entropy(heads["col"](feats).flatten(0, 1), cols.repeat(len(batch)))
         )
@@ -148,19 +159,16 @@ def pretrain_vision(model, args, log):
         opt.step()
         if step % 20 == 0:
             with torch.no_grad():
-                acc = float((heads["digit"](feats).argmax(-1) == digit_t).float().mean())
-            bar.set_postfix(loss=f"{loss.item():.3f}", patch_acc=f"{acc:.3f}")
-            log.append({"stage": "vision", "step": step, "loss": loss.item(), "patch_digit_acc": acc})
+                acc = float((heads["digit"](cell_feats).argmax(-1) == grid).float().mean())
+            bar.set_postfix(loss=f"{loss.item():.3f}", cell_acc=f"{acc:.3f}")
+            log.append({"stage": "vision", "step": step, "loss": loss.item(), "train_cell_digit_acc": acc})
     # held-out check on val digits
     val = DigitScenes("val", seed=args.seed)
     with torch.no_grad():
         batch = [val.scene(i) for i in range(64)]
         feats = tower(pixels([b[0] for b in batch]), output_hidden_states=True).hidden_states[-1][:, 1:]
-        logits = heads["digit"](feats)  # (B, 256, 10)
         grid = torch.from_numpy(np.stack([b[1] for b in batch]))
-        cell_logits = torch.zeros(len(batch), 4, 4, 10)
-        cell_logits.index_put_((torch.arange(len(batch))[:, None], rows[None], cols[None]), logits, accumulate=True)
-        cell_acc = float((cell_logits.argmax(-1) == grid).float().mean())
+        cell_acc = float((heads["digit"](cell_means(feats)).argmax(-1) == grid).float().mean())
     log.append({"stage": "vision", "val_cell_digit_acc": cell_acc})
     print(f"vision pretraining: held-out per-cell digit accuracy {cell_acc:.3f}")
     return cell_acc
@@ -239,6 +247,15 @@ def evaluate(model, tokenizer, split, n, seed, image_token_id, n_image):
     per_kind = {k: sum(v) / len(v) for k, v in correct.items()}
     overall = sum(sum(v) for v in correct.values()) / sum(len(v) for v in correct.values())
     return overall, per_kind
+
+
+def save(model, processor, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    model.eval()
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    model.train(was_training)
 
 
 def main() -> None:
@@ -343,13 +360,12 @@ def main() -> None:
             tqdm.write(
                 f"step {step + 1}: val accuracy {acc:.3f} {json.dumps({k: round(v, 3) for k, v in per_kind.items()})}"
             )
+            save(model, processor, args.out / "checkpoint")  # a usable model if the run is cut short
 
     acc, per_kind = evaluate(model, tok, "val", 1024, args.seed, image_token_id, n_image)
     print(f"final validation accuracy (1024 samples, full cache): {acc:.3f} {per_kind}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    model.eval()
-    model.save_pretrained(args.out, safe_serialization=True)
-    processor.save_pretrained(args.out)
+    save(model, processor, args.out)
+    shutil.rmtree(args.out / "checkpoint", ignore_errors=True)
     meta = {
         "recipe": vars(args) | {"out": str(args.out)},
         "val_accuracy": acc,

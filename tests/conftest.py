@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
 
-from vlcache.hf.tiny import tiny_llava, tiny_llava_next
+# Nothing may be downloaded: every model in the tests is built here or shipped with the package.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from vlcache.hf.tiny import tiny_llava, tiny_llava_next  # noqa: E402
 
 
 @pytest.fixture(scope="session")
