@@ -156,9 +156,13 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
+_LISTING_ORDER = ("vlcache", "vlcache-uniform", "tgvkv", "snapkv", "pyramidkv", "h2o", "streaming", "random", "full")
+
+
 def available() -> list[str]:
-    """Names of the registered methods, in registration order."""
-    return list(_REGISTRY)
+    """Names of the registered methods: the built-in ones in a fixed order, then any others."""
+    rank = {name: i for i, name in enumerate(_LISTING_ORDER)}
+    return sorted(_REGISTRY, key=lambda n: (rank.get(n, len(rank)), n))
 
 
 def get_method(config: CompressionConfig) -> Method:
