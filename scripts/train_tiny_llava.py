@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from tqdm import tqdm
 
 from vlcache.eval.tasks import ANSWER_PREFIX, IMAGE_SIZE, DigitScenes, cell_of_patch, format_prompt, vocabulary
@@ -220,6 +221,21 @@ def embed_with_features(model, ids: torch.Tensor, feats: torch.Tensor) -> torch.
     return embeds.masked_scatter(mask, projected.to(embeds.dtype))
 
 
+def fade_distractors(feats, blank, batch, progress: float, gen) -> torch.Tensor:
+    """Lookup scenes with the cells not asked about blended towards an empty scene's features:
+    ``blank + λ · (scene − blank)``, λ ~ U(0, progress) per sample. Early on the answer is readable
+    from any attention pattern, so the readout forms first and then pulls the routing along."""
+    feats = feats.clone()
+    lam = torch.rand(len(batch), generator=gen) * progress
+    for k, item in enumerate(batch):
+        sample = item[0] if isinstance(item, tuple) else item
+        if sample.kind != "lookup":
+            continue
+        other = ~(PATCH_CELLS == torch.tensor(sample.cells[0])).all(-1)  # (256,) patches outside the cell
+        feats[k, other] = blank[0, other] + lam[k] * (feats[k, other] - blank[0, other])
+    return feats
+
+
 def curriculum_mix(step, args):
     if step < args.lookup_only_steps:
         return {"lookup": 1.0}
@@ -279,6 +295,23 @@ def main() -> None:
         "--scene-pool", type=int, default=8192, help="training scenes whose tower features are cached for stage 2"
     )
     p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--vision-from", type=Path, default=None, help="reuse the vision tower of this checkpoint")
+    p.add_argument("--constant-frac", type=float, default=0.0, help="fraction of steps at full LR before cosine decay")
+    p.add_argument(
+        "--isolate-steps",
+        type=int,
+        default=0,
+        help="distractor curriculum: over the first N steps the other cells of a lookup scene fade in from "
+        "blank to real (readout is learnt before routing); 0: off",
+    )
+    p.add_argument(
+        "--pooled-steps",
+        type=int,
+        default=0,
+        help="short-context curriculum: a batch shows the image as its 16 cell-mean tokens instead of 256 "
+        "patch tokens with probability 1 - step/N (the question's tokens are not drowned among image "
+        "tokens while the lookup forms); 0: off",
+    )
     p.add_argument("--eval-samples", type=int, default=256)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args()
@@ -298,7 +331,15 @@ def main() -> None:
     print(f"llava-tiny: {n_params / 1e6:.2f}M parameters, {n_image} image tokens")
     log: list[dict] = []
     model.train()
-    pretrain_vision(model, args, log)
+    if args.vision_from:
+        from transformers import LlavaForConditionalGeneration
+
+        donor = LlavaForConditionalGeneration.from_pretrained(args.vision_from)
+        model.model.vision_tower.load_state_dict(donor.model.vision_tower.state_dict())
+        print(f"vision tower taken from {args.vision_from} (no vision pretraining)")
+        del donor
+    else:
+        pretrain_vision(model, args, log)
 
     # Stage 2: the tower is frozen; its features for a pool of training scenes are computed once.
     for p_ in model.model.vision_tower.parameters():
@@ -313,6 +354,8 @@ def main() -> None:
         mine = model(inputs_embeds=embed_with_features(model, ids, pool_feats[:2]), attention_mask=mask).logits
     assert torch.allclose(ref, mine, atol=1e-4), "cached-feature path differs from pixel_values path"
 
+    blank = vision_features(model, [Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE))])  # (1, 256, H): an empty scene
+
     projector_params = list(model.model.multi_modal_projector.parameters())
     lm_params = list(model.model.language_model.parameters()) + list(model.lm_head.parameters())
     opt = torch.optim.AdamW(
@@ -324,7 +367,9 @@ def main() -> None:
     gen = torch.Generator().manual_seed(args.seed)
     bar = tqdm(range(args.steps), desc="instruction tuning", mininterval=5)
     for step in bar:
-        scale = min(1.0, (step + 1) / warmup) * (0.5 * (1 + math.cos(math.pi * step / args.steps)) * 0.9 + 0.1)
+        flat = int(args.constant_frac * args.steps)
+        progress = max(0.0, (step - flat) / max(1, args.steps - flat))
+        scale = min(1.0, (step + 1) / warmup) * (0.5 * (1 + math.cos(math.pi * progress)) * 0.9 + 0.1)
         for g, lr in zip(opt.param_groups, base_lrs):
             g["lr"] = lr * scale
         mix = curriculum_mix(step, args)
@@ -337,8 +382,14 @@ def main() -> None:
             else scenes.sample(i, salt=step * 2 + 1)
             for k, i in enumerate(chosen)
         ]
-        ids, mask, lab = encode_batch(batch, tok, image_token_id, n_image)
-        out = model(inputs_embeds=embed_with_features(model, ids, pool_feats[chosen]), attention_mask=mask, labels=lab)
+        feats = pool_feats[chosen]
+        pooled = step < args.pooled_steps and torch.rand((), generator=gen).item() < 1 - step / args.pooled_steps
+        if pooled:
+            feats = cell_means(feats).flatten(1, 2)  # (B, 16, H): one token per cell, row-major
+        ids, mask, lab = encode_batch(batch, tok, image_token_id, feats.shape[1])
+        if step < args.isolate_steps and not pooled:
+            feats = fade_distractors(feats, blank, batch, step / args.isolate_steps, gen)
+        out = model(inputs_embeds=embed_with_features(model, ids, feats), attention_mask=mask, labels=lab)
         opt.zero_grad()
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(projector_params + lm_params, 1.0)

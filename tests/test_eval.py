@@ -7,7 +7,6 @@ vary with the input, which makes the budget-1.0 equivalence checks meaningful).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import types
 from pathlib import Path
@@ -23,33 +22,6 @@ from vlcache.eval.metrics import anls, exact_match, levenshtein, normalize_vqa, 
 from vlcache.eval.models import bundled_path, resolve_model
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session")
-def train_script() -> types.ModuleType:
-    """scripts/train_tiny_llava.py imported as a module (its build_* functions define the format)."""
-    spec = importlib.util.spec_from_file_location("train_tiny_llava", REPO / "scripts" / "train_tiny_llava.py")
-    assert spec is not None and spec.loader is not None
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
-
-
-@pytest.fixture(scope="session")
-def checkpoint(train_script: types.ModuleType, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    script = train_script
-    torch.manual_seed(0)
-    processor = script.build_processor()
-    size = types.SimpleNamespace(vision_hidden=32, vision_layers=1, hidden=32, layers=2)
-    model = script.build_model(processor.tokenizer, size)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, p.shape[-1] ** -0.5)
-    out = tmp_path_factory.mktemp("llava-tiny-random")
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
 
 
 def _common(checkpoint: Path, out: Path) -> list[str]:
@@ -189,7 +161,7 @@ def test_digits_task() -> None:
 
 
 def test_bundled_model_missing_says_where(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr("vlcache.eval.models.bundled_path", lambda name: tmp_path / "models" / name)
+    monkeypatch.setattr("vlcache.hf.loading.bundled_path", lambda name: tmp_path / "models" / name)
     with pytest.raises(EvalError, match=r"not found at .*llava-tiny.*cannot be downloaded"):
         resolve_model("llava-tiny")
 

@@ -7,6 +7,7 @@ import vlcache
 from tests.oracle import oracle_generate
 from vlcache import CompressionConfig, VLCache
 from vlcache.hf import decoder_stack, find_image_spans, project_queries
+from vlcache.hf.adapter import cache_argument
 from vlcache.hf.tiny import IMAGE_TOKEN, llava_inputs, llava_next_inputs, tiny_llava
 
 NEW = 6
@@ -116,7 +117,7 @@ def test_queries_recomputed_by_hooks_match_the_model(llava_eager):
 
     def hook(mod, args, kwargs, out):
         captured["q"] = project_queries(mod, kwargs["hidden_states"], kwargs["position_embeddings"])
-        captured["k"] = kwargs["past_key_values"].layers[1].keys
+        captured["k"] = cache_argument(kwargs).layers[1].keys
         captured["w"] = out[1]
 
     h = attn0.register_forward_hook(hook, with_kwargs=True)

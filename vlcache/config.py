@@ -1,4 +1,5 @@
-"""`CompressionConfig`: what to evict and how much. Validates itself and hashes what changes results.
+"""`CompressionConfig` (what to evict and how much) and `BuildConfig` (what `vlcache-build` compiles).
+Both validate themselves and hash what changes results.
 
 One source of truth for the defaults: the CLI flags, the build manifest and the methods all read
 them from here.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 from vlcache.core.budgets import check_budget
 from vlcache.core.sparsity import DEFAULT_THRESHOLD
@@ -92,5 +93,71 @@ class CompressionConfig:
         """Stable 16-hex-digit hash of every field that changes results (chunk_size does not)."""
         payload = {k: v for k, v in self.to_dict().items() if k != "chunk_size"}
         payload["schema"] = CONFIG_SCHEMA
+        blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# --- build -----------------------------------------------------------------------------------
+# The compression settings are a build's defaults: a served request may still ask for another
+# budget or method (one deployment, several quality tiers), so they do not change the compiled
+# graphs, but they are part of the artifact's identity and of its hash.
+
+BACKENDS = ("auto", "onnx", "tensorrt", "torch")
+DTYPES = ("float32", "float16", "bfloat16")
+#: Bump when the artifact layout or the meaning of a field changes.
+ARTIFACT_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Attributes:
+    backend: ``onnx`` (ONNX Runtime graphs, CPU default), ``tensorrt`` (engines + plugin, GPU),
+        ``torch`` (the HF checkpoint run by PyTorch), ``auto`` (tensorrt where a GPU and TensorRT
+        exist, else onnx; resolved before the build, never stored).
+    dtype: weights and activations of the compiled graphs.
+    max_batch_size: sequences per request batch (compressing methods run one at a time).
+    max_input_len: the longest prompt, in tokens (image tokens included), the artifact accepts.
+    opset: ONNX opset of exported graphs.
+    compression: the default compression of served requests.
+    """
+
+    backend: str = "auto"
+    dtype: str = "float32"
+    max_batch_size: int = 1
+    max_input_len: int = 2048
+    opset: int = 17
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; choose from {', '.join(BACKENDS)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.max_input_len < 2:
+            raise ValueError(f"max_input_len must be >= 2, got {self.max_input_len}")
+        if not 17 <= self.opset <= 23:
+            raise ValueError(f"opset must lie in [17, 23], got {self.opset}")
+        if self.backend == "onnx" and self.dtype == "bfloat16":
+            raise ValueError("dtype bfloat16 is not supported by the onnx backend (ONNX Runtime CPU); use float32")
+
+    def to_dict(self) -> dict[str, object]:
+        d = asdict(self)
+        d["compression"] = self.compression.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> BuildConfig:
+        data = dict(data)
+        comp = data.pop("compression", None)
+        compression = CompressionConfig.from_dict(dict(comp)) if isinstance(comp, dict) else CompressionConfig()
+        return cls(compression=compression, **data)  # type: ignore[arg-type]
+
+    def compute_hash(self) -> str:
+        """Stable 16-hex-digit hash of everything that defines the artifact."""
+        payload = {k: v for k, v in self.to_dict().items() if k != "compression"}
+        payload["compression"] = self.compression.compute_hash()
+        payload["format"] = ARTIFACT_FORMAT
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]

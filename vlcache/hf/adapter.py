@@ -8,6 +8,7 @@ Llama's (``q_proj``, ``head_dim``, ``scaling``, ``layer_idx``; RoPE from ``posit
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -99,3 +100,10 @@ def cache_nbytes(cache: object) -> int:
             if isinstance(t, torch.Tensor):
                 total += t.numel() * t.element_size()
     return total
+
+
+def cache_argument(kwargs: dict[str, Any]) -> Any:
+    """The KV cache passed to a decoder stack or attention module: transformers < 5.24 name the
+    keyword ``past_key_values``, 5.24 and later ``cache``."""
+    cache = kwargs.get("past_key_values")
+    return kwargs.get("cache") if cache is None else cache

@@ -31,6 +31,7 @@ from vlcache.config import CompressionConfig
 from vlcache.core import compact
 from vlcache.hf.adapter import (
     attention_modules,
+    cache_argument,
     cache_nbytes,
     decoder_stack,
     find_image_spans,
@@ -148,7 +149,7 @@ class VLCache:
 
     def _start(self, state: _State, image_token: int | None):  # type: ignore[no-untyped-def]
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-            cache = kwargs.get("past_key_values")
+            cache = cache_argument(kwargs)
             embeds = kwargs.get("inputs_embeds")
             ids = kwargs.get("input_ids", args[0] if args else None)
             x = embeds if isinstance(embeds, torch.Tensor) else ids
@@ -194,7 +195,7 @@ class VLCache:
 
         def hook(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
             idx = int(module.layer_idx)
-            cache = kwargs.get("past_key_values")
+            cache = cache_argument(kwargs)
             cache = state.cache if cache is None else cache
             if cache is None or state.layout is None:
                 return

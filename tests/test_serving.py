@@ -1,0 +1,228 @@
+"""Serving logic without a server: request validation, the artifact contract, repository rendering,
+the torch engine's streaming against the offline path, and the client's statistics."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.serving_helpers import make_torch_artifact
+from vlcache.artifact import ArtifactError, read_manifest
+from vlcache.serving import protocol
+from vlcache.serving.repository import RenderError, render_repository, render_text
+from vlcache.serving.request import InvalidRequest, Limits, parse_request
+
+LIMITS = Limits(methods=("vlcache", "full"), max_tokens_cap=64)
+
+
+def _png(size: int = 8) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), (10, 200, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _obj(value: bytes | str) -> np.ndarray:
+    return np.array([value.encode() if isinstance(value, str) else value], dtype=np.object_)
+
+
+def _good(**changes: object) -> dict[str, object]:
+    inputs: dict[str, object] = {
+        "image": _obj(_png()),
+        "prompt": _obj("what is at row 0 col 1 ?"),
+        "max_tokens": np.array([4], dtype=np.int32),
+    }
+    inputs.update(changes)
+    return {k: v for k, v in inputs.items() if v is not None}
+
+
+# --- request validation ------------------------------------------------------------------------
+def test_parse_good_request_with_and_without_optional_inputs():
+    r = parse_request(_good(), LIMITS)
+    assert (r.prompt, r.max_tokens, r.budget, r.method) == ("what is at row 0 col 1 ?", 4, None, None)
+    assert r.image.mode == "RGB" and r.image.size == (8, 8)
+    r = parse_request(_good(budget=np.array([0.1], dtype=np.float32), method=_obj("full")), LIMITS)
+    assert r.budget == 0.1 and r.method == "full"  # the FP32 0.1 comes back as the decimal 0.1
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"image": None}, "missing required input 'image'"),
+        ({"prompt": None}, "missing required input 'prompt'"),
+        ({"max_tokens": None}, "missing required input 'max_tokens'"),
+        ({"image": _obj(b"\x89PNG not really")}, "input 'image' is not a decodable image"),
+        ({"image": _obj(b"")}, "input 'image' is empty"),
+        ({"prompt": _obj("   ")}, "input 'prompt' is empty"),
+        ({"prompt": _obj(b"\xff\xfe")}, "not valid UTF-8"),
+        ({"prompt": np.array([1], dtype=np.int32)}, "input 'prompt' must be BYTES"),
+        ({"max_tokens": np.array([1.5], dtype=np.float32)}, "input 'max_tokens' must be INT32"),
+        ({"max_tokens": np.array([0], dtype=np.int32)}, "must lie in [1, 64], got 0"),
+        ({"max_tokens": np.array([65], dtype=np.int32)}, "must lie in [1, 64], got 65"),
+        ({"max_tokens": np.array([1, 2], dtype=np.int32)}, "exactly one element"),
+        ({"budget": np.array([0.0], dtype=np.float32)}, "input 'budget' must lie in (0, 1]"),
+        ({"budget": np.array([1.5], dtype=np.float32)}, "input 'budget' must lie in (0, 1]"),
+        ({"budget": np.array([np.nan], dtype=np.float32)}, "input 'budget' must lie in (0, 1]"),
+        ({"budget": np.array([1], dtype=np.int32)}, "input 'budget' must be FP32"),
+        ({"method": _obj("nope")}, "unknown method 'nope'"),
+    ],
+)
+def test_bad_requests_raise_invalid_argument(changes, message):
+    with pytest.raises(InvalidRequest) as info:
+        parse_request(_good(**changes), LIMITS)
+    text = str(info.value)
+    assert text.startswith(f"{protocol.INVALID_ARGUMENT}: ")
+    assert message in text
+
+
+# --- artifact and repository ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def artifact(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_torch_artifact(checkpoint, tmp_path_factory.mktemp("serving") / "artifact")
+
+
+def test_read_manifest_refuses_broken_artifacts(artifact: Path, tmp_path: Path):
+    assert read_manifest(artifact).backend == "torch"
+    with pytest.raises(ArtifactError, match="has no manifest.json"):
+        read_manifest(tmp_path)
+    data = json.loads((artifact / "manifest.json").read_text())
+    for key, value, message in [
+        ("backend", "gguf", "unknown backend 'gguf'"),
+        ("format", 7, "unsupported format 7"),
+        ("max_input_len", 0, "'max_input_len' must be a positive integer"),
+        ("compression", {"budget": 2.0}, "bad 'compression'"),
+    ]:
+        broken = tmp_path / key
+        broken.mkdir()
+        (broken / "processor").mkdir()
+        (broken / "manifest.json").write_text(json.dumps({**data, key: value}))
+        with pytest.raises(ArtifactError, match=message):
+            read_manifest(broken)
+    (tmp_path / "nohf" / "processor").mkdir(parents=True)
+    (tmp_path / "nohf" / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match="needs a HF checkpoint"):
+        read_manifest(tmp_path / "nohf")
+
+
+def test_render_repository_fills_the_protocol_in(artifact: Path, tmp_path: Path):
+    repo = render_repository(artifact, instances=3, max_tokens_cap=77, num_threads=1)
+    assert repo == artifact / "triton"
+    config = (repo / "vlcache" / "config.pbtxt").read_text()
+    assert "${" not in config and "$" not in config
+    for spec in protocol.INPUTS + protocol.OUTPUTS:
+        assert f'name: "{spec.name}" data_type: {protocol.CONFIG_TYPES[spec.datatype]}' in config
+    assert 'name: "budget" data_type: TYPE_FP32 dims: [ 1 ] optional: true' in config
+    assert "decoupled: true" in config and "count: 3 kind: KIND_CPU" in config
+    assert 'key: "artifact_dir" value: { string_value: "../.." }' in config  # relocatable
+    assert 'key: "max_tokens_cap" value: { string_value: "77" }' in config
+    model_py = (repo / "vlcache" / "1" / "model.py").read_text()
+    assert "class TritonPythonModel(ServedModel)" in model_py and len(model_py.splitlines()) < 15
+    # rendered elsewhere: the artifact is referenced by absolute path
+    other = render_repository(artifact, out=tmp_path / "repo")
+    assert f'string_value: "{artifact.resolve()}"' in (other / "vlcache" / "config.pbtxt").read_text()
+
+
+def test_render_fails_on_unfilled_placeholders_and_bad_settings(artifact: Path):
+    with pytest.raises(RenderError, match=r"no value for placeholder \$\{missing\}"):
+        render_text('name: "${model_name}" x: ${missing}', {"model_name": "vlcache"})
+    with pytest.raises(RenderError, match="Invalid placeholder"):
+        render_text("cost: $5", {})
+    with pytest.raises(RenderError, match="instances must be >= 1"):
+        render_repository(artifact, instances=0)
+    with pytest.raises(RenderError, match="device must be cpu or cuda"):
+        render_repository(artifact, device="tpu")
+
+
+# --- the torch engine ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def engine(artifact: Path):
+    from vlcache.serving.engine import load_engine
+
+    return load_engine(artifact)
+
+
+def _scene():
+    from vlcache.eval.tasks import DigitScenes
+
+    return DigitScenes("test", seed=0).sample(0)
+
+
+def test_engine_streams_the_offline_text_and_reports_stats(engine, checkpoint: Path):
+    import vlcache
+    from vlcache.eval.tasks import format_prompt
+    from vlcache.hf.loading import load_model
+
+    sample = _scene()
+    deltas: list[str] = []
+    stats = engine.generate(sample.image, sample.question, max_tokens=6, budget=0.1, on_text=deltas.append)
+    loaded = load_model(str(checkpoint))
+    inputs = loaded.processor(images=sample.image, text=format_prompt(sample.question), return_tensors="pt")
+    offline = vlcache.generate(loaded.model, inputs, vlcache.CompressionConfig(budget=0.1), max_new_tokens=6)
+    expected = loaded.tokenizer.decode(offline.new_tokens.tolist(), skip_special_tokens=True)
+    assert len(deltas) >= 2 and "".join(deltas) == expected
+    assert set(stats) == set(protocol.STATS_KEYS)
+    assert stats["kv_tokens_kept"] == sum(offline.stats.kept_per_layer)
+    assert stats["kv_tokens_kept"] == round(0.1 * stats["kv_tokens_total"])
+    assert stats["output_tokens"] == len(offline.new_tokens) and stats["finish_reason"] in ("stop", "length")
+    assert stats["prefill_seconds"] > 0 and stats["decode_seconds"] >= 0
+
+
+def test_engine_refuses_long_prompts_and_stops_when_cancelled(engine):
+    sample = _scene()
+    with pytest.raises(InvalidRequest, match="above this build's max_input_len 300"):
+        engine.generate(sample.image, " ".join(["what"] * 60), max_tokens=2)
+    calls = []
+
+    def cancelled() -> bool:
+        calls.append(1)
+        return len(calls) >= 2
+
+    stats = engine.generate(sample.image, sample.question, max_tokens=20, cancelled=cancelled)
+    assert stats["finish_reason"] == "cancelled" and stats["output_tokens"] == 2
+
+
+# --- client statistics -----------------------------------------------------------------------------
+def test_summarize_percentiles_and_throughput():
+    from vlcache.client import Generation
+    from vlcache.client.stats import summarize
+
+    gens = [
+        Generation(
+            text="x",
+            ttft=t,
+            inter_token_latencies=[0.01, 0.03],
+            latency=t + 0.04,
+            output_tokens=3,
+            prompt_tokens=10,
+            responses=3,
+            stats={"kv_bytes_after": 100, "kv_tokens_kept": 1, "kv_tokens_total": 10},
+        )
+        for t in (0.1, 0.2, 0.3, 0.4, 0.5)
+    ]
+    s = summarize(gens, wall_seconds=2.0, failed=1)
+    assert (s["requests"], s["succeeded"], s["failed"]) == (6, 5, 1)
+    assert s["ttft_ms"]["p50"] == pytest.approx(300.0) and s["ttft_ms"]["p90"] == pytest.approx(460.0)
+    assert s["itl_ms"]["mean"] == pytest.approx(20.0)
+    assert s["output_tokens_per_s"] == pytest.approx(7.5) and s["requests_per_s"] == pytest.approx(2.5)
+    assert s["kv_kept_fraction_mean"] == pytest.approx(0.1)
+    assert summarize([], 1.0)["ttft_ms"]["p99"] is None
+
+
+# --- command lines: user mistakes are one line, exit status 2 ---------------------------------------
+def test_serve_and_bench_report_user_mistakes_on_one_line(tmp_path: Path, capsys):
+    from vlcache.client.bench import main as bench_main
+    from vlcache.serving.server import free_port
+    from vlcache.serving.server import main as serve_main
+
+    assert serve_main([str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vlcache-serve: error: artifact directory not found") and "\n" not in err
+    assert bench_main(["--budgets", "1.0,0", "--out", str(tmp_path / "b")]) == 2
+    assert "--budgets must be fractions in (0, 1]" in capsys.readouterr().err
+    assert bench_main(["--url", f"127.0.0.1:{free_port()}", "--requests", "1", "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("vlcache-bench: error: no ready vlcache model at")

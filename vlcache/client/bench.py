@@ -1,0 +1,301 @@
+"""`vlcache-bench`: latency and throughput of a running vlcache server, several budgets side by side.
+
+Contract:
+* Workload: images from ``--images DIR`` (every PNG / JPEG in it, sorted; prompt ``--prompt``), or
+  by default the bundled `digits` task's test scenes with their questions. Request i uses item
+  ``i mod len(items)``, so every budget sees the same requests.
+* Per budget (sent as the per-request ``budget`` input, in the order given): ``--warmup`` requests
+  one at a time (not measured), then ``--requests`` requests (or as many as fit in ``--duration``
+  seconds) with ``--concurrency`` in flight, over the asyncio client.
+* Reports per budget: TTFT, inter-token latency and request latency (mean, p50, p90, p99), output
+  tokens/s and requests/s over the measured wall time, mean KV bytes after compression, failures.
+  Prints a table; writes ``results.json`` (summaries + every request), ``summary.csv`` and
+  ``latency.png`` / ``throughput.png`` into ``--out`` (plots need matplotlib); the last stdout line
+  is one JSON object ``{"results": [...]}``.
+* Exit status 0 when every request succeeded, 1 when some failed, 2 on a usage error or an
+  unreachable server (one-line message, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from vlcache.client.client import DEFAULT_URL, AsyncClient, ClientError, Generation, encode_image
+from vlcache.client.stats import summarize
+
+DEFAULT_PROMPT = "describe the image"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+class BenchError(Exception):
+    """A usage mistake or an unreachable server (one-line message)."""
+
+
+def parse_budgets(text: str) -> list[float]:
+    try:
+        budgets = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise BenchError(f"--budgets must be comma-separated numbers, got {text!r}") from None
+    if not budgets or any(not 0.0 < b <= 1.0 for b in budgets):
+        raise BenchError(f"--budgets must be fractions in (0, 1], got {text!r}")
+    return budgets
+
+
+def load_workload(images: Path | None, prompt: str | None, count: int) -> list[tuple[bytes, str]]:
+    """(encoded image, prompt) pairs: a folder's images, or the digits task's test scenes."""
+    if images is not None:
+        if not images.is_dir():
+            raise BenchError(f"--images: no such directory: {images}")
+        files = sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise BenchError(f"--images: no PNG / JPEG files in {images}")
+        return [(p.read_bytes(), prompt or DEFAULT_PROMPT) for p in files]
+    try:
+        from vlcache.eval.tasks import DigitScenes
+    except ImportError as e:
+        raise BenchError(f"the default digits scenes need the eval extra ({e}); pass --images DIR") from None
+    scenes = DigitScenes("test", seed=0)
+    out = []
+    for i in range(max(1, min(count, 64))):
+        sample = scenes[i]
+        out.append((encode_image(sample.image), prompt or sample.question))
+    return out
+
+
+async def run_budget(
+    client: AsyncClient,
+    workload: list[tuple[bytes, str]],
+    budget: float,
+    args: argparse.Namespace,
+    progress: Any,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Warm up, then measure one budget; (summary, per-request records)."""
+    for i in range(args.warmup):
+        image, prompt = workload[i % len(workload)]
+        await client.generate(image, prompt, args.max_tokens, budget, args.method, timeout=args.timeout)
+    done: list[Generation] = []
+    records: list[dict[str, Any]] = []
+    failures = 0
+    next_index = 0
+    stop_at = time.perf_counter() + args.duration if args.duration else None
+
+    def take() -> int | None:
+        nonlocal next_index
+        if args.requests is not None and next_index >= args.requests:
+            return None
+        if stop_at is not None and time.perf_counter() >= stop_at:
+            return None
+        next_index += 1
+        return next_index - 1
+
+    async def worker() -> None:
+        nonlocal failures
+        while (i := take()) is not None:
+            image, prompt = workload[i % len(workload)]
+            try:
+                g = await client.generate(image, prompt, args.max_tokens, budget, args.method, timeout=args.timeout)
+            except ClientError as e:
+                failures += 1
+                records.append({"index": i, "budget": budget, "error": f"{type(e).__name__}: {e}"})
+            else:
+                done.append(g)
+                records.append({"index": i, "budget": budget, **g.to_dict()})
+            progress.update(1)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+    wall = time.perf_counter() - t0
+    summary = {
+        "budget": budget,
+        "method": args.method,
+        "concurrency": args.concurrency,
+        **summarize(done, wall, failed=failures),
+    }
+    records.sort(key=lambda r: r["index"])
+    return summary, records
+
+
+def _f(x: float | None, digits: int = 1) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def format_table(summaries: list[dict[str, Any]]) -> str:
+    head = ["budget", "ok/req", "ttft p50", "ttft p90", "ttft p99", "itl p50", "itl p90", "itl p99",
+            "lat p50", "lat p90", "lat p99", "tok/s", "req/s", "kv bytes", "kv kept"]  # fmt: skip
+    rows = [head]
+    for s in summaries:
+        t, i, lat = s["ttft_ms"], s["itl_ms"], s["latency_ms"]
+        rows.append(
+            [
+                f"{s['budget']:g}",
+                f"{s['succeeded']}/{s['requests']}",
+                *(_f(d[k]) for d in (t, i, lat) for k in ("p50", "p90", "p99")),
+                _f(s["output_tokens_per_s"]),
+                _f(s["requests_per_s"], 2),
+                _f(s["kv_bytes_after_mean"], 0),
+                _f(s["kv_kept_fraction_mean"], 3),
+            ]
+        )
+    widths = [max(len(r[c]) for r in rows) for c in range(len(head))]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "(latencies in ms)\n" + "\n".join(lines)
+
+
+CSV_FIELDS = ["budget", "method", "concurrency", "requests", "succeeded", "failed", "wall_seconds",
+              "output_tokens", "output_tokens_per_s", "requests_per_s", "kv_bytes_before_mean",
+              "kv_bytes_after_mean", "kv_kept_fraction_mean", "server_prefill_ms_mean",
+              "server_decode_ms_mean"]  # fmt: skip
+
+
+def write_csv(path: Path, summaries: list[dict[str, Any]]) -> None:
+    with path.open("w", newline="", encoding="utf-8") as f:
+        names = CSV_FIELDS + [
+            f"{m}_{k}" for m in ("ttft_ms", "itl_ms", "latency_ms") for k in ("mean", "p50", "p90", "p99")
+        ]
+        writer = csv.DictWriter(f, fieldnames=names)
+        writer.writeheader()
+        for s in summaries:
+            row = {k: s.get(k) for k in CSV_FIELDS}
+            for m in ("ttft_ms", "itl_ms", "latency_ms"):
+                for k, v in s[m].items():
+                    row[f"{m}_{k}"] = v
+            writer.writerow(row)
+
+
+def write_plots(out: Path, summaries: list[dict[str, Any]], records: list[dict[str, Any]]) -> list[Path]:
+    """latency.png (TTFT / ITL / request latency distributions by budget), throughput.png."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("vlcache-bench: matplotlib not installed; no plots", file=sys.stderr)
+        return []
+    budgets = [s["budget"] for s in summaries]
+    ok = [r for r in records if "error" not in r]
+    series = {
+        "TTFT (ms)": [[1000 * r["ttft"] for r in ok if r["budget"] == b and r["ttft"] is not None] for b in budgets],
+        "inter-token latency (ms)": [
+            [1000 * x for r in ok if r["budget"] == b for x in r["inter_token_latencies"]] for b in budgets
+        ],
+        "request latency (ms)": [[1000 * r["latency"] for r in ok if r["budget"] == b] for b in budgets],
+    }
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    for ax, (title, data) in zip(axes, series.items()):
+        kept = [(f"{b:g}", d) for b, d in zip(budgets, data) if d]
+        if kept:
+            ax.boxplot([d for _, d in kept], tick_labels=[k for k, _ in kept], showfliers=True)
+        ax.set_title(title)
+        ax.set_xlabel("budget α")
+    fig.tight_layout()
+    latency = out / "latency.png"
+    fig.savefig(latency, dpi=110)
+    plt.close(fig)
+    fig, ax1 = plt.subplots(figsize=(6, 4))
+    labels = [f"{b:g}" for b in budgets]
+    ax1.bar(labels, [s["output_tokens_per_s"] for s in summaries], color="tab:blue")
+    ax1.set_xlabel("budget α")
+    ax1.set_ylabel("output tokens/s")
+    ax1.set_title(f"throughput at concurrency {summaries[0]['concurrency'] if summaries else '-'}")
+    fig.tight_layout()
+    throughput = out / "throughput.png"
+    fig.savefig(throughput, dpi=110)
+    plt.close(fig)
+    return [latency, throughput]
+
+
+async def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    from tqdm import tqdm
+
+    budgets = parse_budgets(args.budgets)
+    count = args.requests if args.requests is not None else 64
+    workload = load_workload(args.images, args.prompt, count)
+    client = AsyncClient(args.url, timeout=args.timeout)
+    try:
+        if not await client.ready():
+            raise BenchError(f"no ready vlcache model at {args.url} (start one with vlcache-serve)")
+        summaries, records = [], []
+        for budget in budgets:
+            total = args.requests if args.requests is not None else None
+            with tqdm(total=total, desc=f"budget {budget:g}", unit="req", file=sys.stderr) as bar:
+                summary, recs = await run_budget(client, workload, budget, args, bar)
+            summaries.append(summary)
+            records.extend(recs)
+        return summaries, records
+    finally:
+        await client.close()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vlcache-bench",
+        description="Benchmark a running vlcache server over gRPC: TTFT, inter-token latency, request "
+        "latency, throughput and KV bytes, for several per-request budgets.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--url", default=DEFAULT_URL, help="host:port of the server's gRPC endpoint")
+    p.add_argument("--budgets", default="1.0,0.1", help="comma-separated budgets α, measured in this order")
+    p.add_argument(
+        "--requests", type=int, default=None, help="measured requests per budget (default 32 unless --duration)"
+    )
+    p.add_argument("--duration", type=float, default=None, help="measure each budget for this many seconds instead")
+    p.add_argument("--concurrency", type=int, default=1, help="requests in flight")
+    p.add_argument("--warmup", type=int, default=2, help="unmeasured requests per budget before measuring")
+    p.add_argument("--max-tokens", type=int, default=16, help="max_tokens of each request")
+    p.add_argument("--method", default=None, help="compression method (default: the deployment's)")
+    p.add_argument("--images", type=Path, default=None, help="folder of PNG / JPEG images (default: digits scenes)")
+    p.add_argument(
+        "--prompt",
+        default=None,
+        help=f"prompt for every request (default: the digits questions, or {DEFAULT_PROMPT!r} with --images)",
+    )
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take")
+    p.add_argument("--out", type=Path, default=Path("out/bench"), help="folder for results.json, summary.csv and plots")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.requests is None and args.duration is None:
+            args.requests = 32
+        if args.requests is not None and args.requests < 1:
+            raise BenchError("--requests must be >= 1")
+        if args.duration is not None and args.duration <= 0:
+            raise BenchError("--duration must be > 0")
+        if args.concurrency < 1 or args.warmup < 0 or args.max_tokens < 1:
+            raise BenchError("--concurrency and --max-tokens must be >= 1, --warmup >= 0")
+        summaries, records = asyncio.run(run(args))
+    except BenchError as e:
+        print(f"vlcache-bench: error: {e}", file=sys.stderr)
+        return 2
+    except ClientError as e:
+        print(f"vlcache-bench: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vlcache-bench: interrupted", file=sys.stderr)
+        return 130
+    print(format_table(summaries))
+    args.out.mkdir(parents=True, exist_ok=True)
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    (args.out / "results.json").write_text(
+        json.dumps({"config": config, "results": summaries, "requests": records}, indent=1) + "\n", encoding="utf-8"
+    )
+    write_csv(args.out / "summary.csv", summaries)
+    written = [args.out / "results.json", args.out / "summary.csv", *write_plots(args.out, summaries, records)]
+    print("wrote " + ", ".join(str(p) for p in written))
+    print(json.dumps({"results": summaries}))
+    return 0 if all(s["failed"] == 0 for s in summaries) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,364 @@
+"""Engines: what generates behind the served model, one per backend of the artifact.
+
+Contract of an :class:`Engine` (any backend):
+* ``generate(image, prompt, *, max_tokens, budget=None, method=None, on_text=None, cancelled=None)``
+  runs one greedy generation with KV compression, batch size 1. ``budget`` / ``method`` override the
+  build's compression config for this call only. ``on_text(delta)`` is called with each new piece of
+  text as soon as it is decoded (the concatenation of all deltas is the decoded answer, special
+  tokens dropped); ``cancelled()`` is polled once per generated token and stops the generation when
+  it returns True. Returns the stats dict of :data:`vlcache.serving.protocol.STATS_KEYS`.
+* A prompt longer than the build's ``max_input_len`` (in tokens, image tokens included) raises
+  :class:`~vlcache.serving.request.InvalidRequest` before anything runs.
+* One generation at a time per engine (a lock serialises calls): the torch backend installs hooks on
+  the model for the duration of a call. Scale with Triton model instances.
+
+Prompt formatting (``manifest.model["prompt_style"]``): ``plain`` → ``"<image> {prompt}"`` (the
+`digits` task's format); ``chat`` → the processor's chat template with one image and the prompt;
+``auto`` (default) → the prompt as is when it already contains the image token, else ``chat`` when
+the processor has a chat template, else ``plain``.
+
+:func:`load_engine` dispatches on ``manifest["backend"]``: ``torch`` is :class:`TorchEngine`
+(transformers + :mod:`vlcache.hf`); ``onnx`` and ``tensorrt`` are :class:`RuntimeEngine` over the graphs
+run by :mod:`vlcache.runtime`. Both satisfy :class:`Engine`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from PIL import Image
+
+from vlcache.artifact import ENGINES_DIR, ArtifactError, Manifest, read_manifest, verify_artifact
+from vlcache.config import CompressionConfig
+from vlcache.serving.request import InvalidRequest
+
+PROMPT_STYLES = ("auto", "plain", "chat")
+
+TextCallback = Callable[[str], None]
+CancelledCallback = Callable[[], bool]
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """A loaded model that generates with KV compression (see the module docstring)."""
+
+    backend: str
+    max_input_len: int
+    default_config: CompressionConfig
+
+    def generate(
+        self,
+        image: Image.Image,
+        prompt: str,
+        *,
+        max_tokens: int,
+        budget: float | None = None,
+        method: str | None = None,
+        on_text: TextCallback | None = None,
+        cancelled: CancelledCallback | None = None,
+    ) -> dict[str, Any]: ...
+
+
+def resolve_config(default: CompressionConfig, budget: float | None, method: str | None) -> CompressionConfig:
+    """The build's config with this request's overrides (InvalidRequest if they are not valid)."""
+    overrides: dict[str, object] = {}
+    if budget is not None:
+        overrides["budget"] = float(budget)
+    if method is not None:
+        overrides["method"] = method
+    if not overrides:
+        return default
+    try:
+        return CompressionConfig.from_dict({**default.to_dict(), **overrides})
+    except ValueError as e:
+        raise InvalidRequest(str(e)) from None
+
+
+class TextDeltas:
+    """A transformers streamer: decodes the generated ids so far and hands on the new text.
+
+    The first ``put`` (the prompt) is skipped and timed as the start; ``first_token_time`` and
+    ``last_token_time`` are ``time.perf_counter()`` stamps of the first and last generated token.
+    Text ending in an incomplete character (U+FFFD) is held back until the next token completes it.
+    """
+
+    def __init__(self, tokenizer: Any, on_text: TextCallback | None) -> None:
+        self.tokenizer = tokenizer
+        self.on_text = on_text
+        self.ids: list[int] = []
+        self.emitted = ""
+        self.prompt_seen = False
+        self.start_time: float | None = None
+        self.first_token_time: float | None = None
+        self.last_token_time: float | None = None
+
+    def put(self, value: Any) -> None:
+        now = time.perf_counter()
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            self.start_time = now
+            return
+        if self.first_token_time is None:
+            self.first_token_time = now
+        self.last_token_time = now
+        self.ids.extend(int(t) for t in value.reshape(-1).tolist())
+        self._emit(final=False)
+
+    def end(self) -> None:
+        self._emit(final=True)
+
+    def _emit(self, final: bool) -> None:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if not final and text.endswith("\ufffd"):
+            return
+        if text.startswith(self.emitted) and len(text) > len(self.emitted):
+            delta = text[len(self.emitted) :]
+            self.emitted = text
+            if self.on_text is not None:
+                self.on_text(delta)
+
+
+class _ProcessorEngine:
+    """What every backend shares: the artifact's processor, prompt formatting, the length check."""
+
+    backend = "base"
+
+    def __init__(self, manifest: Manifest) -> None:
+        from transformers import AutoProcessor
+        from transformers.utils import logging as hf_logging
+
+        self.manifest = manifest
+        self.max_input_len = manifest.max_input_len
+        self.default_config = manifest.compression
+        self.prompt_style = str(manifest.model.get("prompt_style", "auto"))
+        if self.prompt_style not in PROMPT_STYLES:
+            raise ArtifactError(
+                f"unknown prompt_style {self.prompt_style!r}; expected one of {', '.join(PROMPT_STYLES)}"
+            )
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            self.processor = AutoProcessor.from_pretrained(manifest.processor_dir)
+        except (OSError, ValueError) as e:
+            raise ArtifactError(f"cannot load the processor in {manifest.processor_dir}: {e}") from None
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        self.tokenizer = self.processor.tokenizer
+        self.image_token = str(getattr(self.processor, "image_token", "<image>"))
+        self._lock = threading.Lock()
+
+    def format_prompt(self, prompt: str) -> str:
+        """The text handed to the processor with the image (see the module docstring)."""
+        style = self.prompt_style
+        if style == "auto":
+            if self.image_token in prompt:
+                return prompt
+            style = "chat" if getattr(self.processor, "chat_template", None) else "plain"
+        if style == "chat":
+            conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+            return str(self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False))
+        return f"{self.image_token} {prompt}"
+
+    def tokenize(self, image: Image.Image, prompt: str) -> dict[str, Any]:
+        """Processor outputs (batch 1, torch tensors); InvalidRequest when the prompt is too long."""
+        batch = self.processor(images=image, text=self.format_prompt(prompt), return_tensors="pt")
+        length = int(batch["input_ids"].shape[-1])
+        if length > self.max_input_len:
+            raise InvalidRequest(
+                f"prompt is {length} tokens (image tokens included), above this build's max_input_len {self.max_input_len}"
+            )
+        return dict(batch)
+
+
+def _stats(
+    backend: str, config: CompressionConfig, stats: Any, output_tokens: int, finish: str, prefill: float, decode: float
+) -> dict[str, Any]:
+    """The final response's stats (:data:`vlcache.serving.protocol.STATS_KEYS`) from a backend's stats."""
+    return {
+        "backend": backend,
+        "method": config.method,
+        "budget": config.budget,
+        "prompt_tokens": int(stats.prompt_tokens),
+        "image_tokens": int(stats.image_tokens),
+        "output_tokens": output_tokens,
+        "kv_tokens_total": int(stats.prompt_tokens) * len(stats.kept_per_layer),
+        "kv_tokens_kept": int(sum(stats.kept_per_layer)),
+        "kept_per_layer": [int(k) for k in stats.kept_per_layer],
+        "kv_bytes_before": int(stats.kv_bytes_before),
+        "kv_bytes_after": int(stats.kv_bytes_after),
+        "prefill_seconds": prefill,
+        "decode_seconds": decode,
+        "finish_reason": finish,
+    }
+
+
+class TorchEngine(_ProcessorEngine):
+    """The ``torch`` backend: the artifact's HF checkpoint run by transformers with :mod:`vlcache.hf`."""
+
+    backend = "torch"
+
+    def __init__(self, manifest: Manifest, *, device: str = "cpu", dtype: str = "float32") -> None:
+        from vlcache.hf.loading import CheckpointError, load_model
+
+        super().__init__(manifest)
+        try:
+            self.loaded = load_model(str(manifest.hf_dir), device=device, dtype=dtype)
+        except CheckpointError as e:
+            raise ArtifactError(str(e)) from None
+
+    def prepare(self, image: Image.Image, prompt: str) -> dict[str, Any]:
+        """Processor outputs (batch 1) on the model's device; InvalidRequest when the prompt is too long."""
+        batch = self.tokenize(image, prompt)
+        device, dtype = self.loaded.device, self.loaded.dtype
+        return {
+            k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) if hasattr(v, "to") else v
+            for k, v in batch.items()
+        }
+
+    def generate(
+        self,
+        image: Image.Image,
+        prompt: str,
+        *,
+        max_tokens: int,
+        budget: float | None = None,
+        method: str | None = None,
+        on_text: TextCallback | None = None,
+        cancelled: CancelledCallback | None = None,
+    ) -> dict[str, Any]:
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        import vlcache
+
+        config = resolve_config(self.default_config, budget, method)
+        inputs = self.prepare(image, prompt)
+        was_cancelled = False
+
+        class _Cancel(StoppingCriteria):
+            def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+                nonlocal was_cancelled
+                was_cancelled = was_cancelled or bool(cancelled is not None and cancelled())
+                return torch.full((input_ids.shape[0],), was_cancelled, dtype=torch.bool)  # type: ignore[return-value]
+
+        streamer = TextDeltas(self.tokenizer, on_text)
+        with self._lock:
+            t0 = time.perf_counter()
+            result = vlcache.generate(
+                self.loaded.model,
+                inputs,
+                config,
+                max_new_tokens=max_tokens,
+                streamer=streamer,
+                stopping_criteria=StoppingCriteriaList([_Cancel()]),
+            )
+            t_end = time.perf_counter()
+        new = result.new_tokens.tolist()
+        eos = self.loaded.eos_token_id
+        if was_cancelled:
+            finish = "cancelled"
+        elif new and eos is not None and new[-1] == eos:
+            finish = "stop"
+        else:
+            finish = "length"
+        first = streamer.first_token_time or t_end
+        start = streamer.start_time or t0
+        return _stats(
+            self.backend,
+            config,
+            result.stats,
+            len(new),
+            finish,
+            first - start,
+            (streamer.last_token_time or first) - first,
+        )
+
+
+class RuntimeEngine(_ProcessorEngine):
+    """The ``onnx`` (and ``tensorrt``) backends: the artifact's graphs run by :mod:`vlcache.runtime`,
+    driven token by token so text streams and a cancelled request stops at the next token."""
+
+    def __init__(self, manifest: Manifest, *, threads: int = 0) -> None:
+        from vlcache.runtime import load_runtime
+
+        super().__init__(manifest)
+        self.backend = manifest.backend
+        folder = manifest.onnx_dir if manifest.backend == "onnx" else manifest.root / ENGINES_DIR
+        options: dict[str, Any] = {"threads": threads} if manifest.backend == "onnx" and threads else {}
+        try:
+            self.runner = load_runtime(folder, backend=manifest.backend, **options)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise ArtifactError(f"cannot load the {manifest.backend} graphs in {folder}: {e}") from None
+        self.eos = {int(e) for e in self.runner.spec.eos_token_id}
+
+    def generate(
+        self,
+        image: Image.Image,
+        prompt: str,
+        *,
+        max_tokens: int,
+        budget: float | None = None,
+        method: str | None = None,
+        on_text: TextCallback | None = None,
+        cancelled: CancelledCallback | None = None,
+    ) -> dict[str, Any]:
+        import torch
+
+        from vlcache.runtime import prefill
+
+        config = resolve_config(self.default_config, budget, method)
+        batch = self.tokenize(image, prompt)
+        streamer = TextDeltas(self.tokenizer, on_text)
+        tokens: list[int] = []
+        finish = "length"
+        with self._lock:
+            streamer.put(batch["input_ids"])  # marks the start
+            try:
+                seq = prefill(
+                    self.runner, batch["input_ids"], batch.get("pixel_values"), config, max_new_tokens=max_tokens
+                )
+            except ValueError as e:  # e.g. prompt + max_tokens beyond the export's max_input_len
+                raise InvalidRequest(str(e)) from None
+            while True:
+                token = seq.greedy()
+                tokens.append(token)
+                streamer.put(torch.tensor([token]))
+                if token in self.eos:
+                    finish = "stop"
+                    break
+                if len(tokens) >= max_tokens:
+                    break
+                if cancelled is not None and cancelled():
+                    finish = "cancelled"
+                    break
+                seq.step(token)
+            streamer.end()
+        t_end = time.perf_counter()
+        first = streamer.first_token_time or t_end
+        start = streamer.start_time or first
+        seq.stats.new_tokens = len(tokens)
+        return _stats(
+            self.backend,
+            config,
+            seq.stats,
+            len(tokens),
+            finish,
+            first - start,
+            (streamer.last_token_time or first) - first,
+        )
+
+
+def load_engine(artifact_dir: str | Path, *, device: str = "cpu", verify: bool = True) -> Engine:
+    """The engine for ``artifact_dir``'s backend (ArtifactError when it cannot be loaded).
+
+    ``verify``: check the manifest's config hash, every file's sha256 and the runtime's package
+    versions first (:func:`vlcache.artifact.verify_artifact`); False only checks its structure.
+    """
+    manifest = verify_artifact(artifact_dir) if verify else read_manifest(artifact_dir)
+    if manifest.backend == "torch":
+        return TorchEngine(manifest, device=device)
+    return RuntimeEngine(manifest)

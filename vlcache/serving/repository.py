@@ -1,0 +1,141 @@
+"""Render the Triton model repository of an artifact from the `triton_repo/` templates.
+
+Contract of :func:`render_repository`:
+* Reads ``ARTIFACT/manifest.json`` (:func:`vlcache.artifact.read_manifest`).
+* Copies the template tree (``triton_repo/`` at the top of the source tree, shipped inside the
+  package as ``vlcache/serving/triton_repo``) into ``out`` (default ``ARTIFACT/triton``); every
+  ``*.pbtxt`` goes through ``string.Template.substitute``: a placeholder with no value, or a ``$``
+  that is not a placeholder, raises :class:`RenderError`, and so does any ``${`` left afterwards.
+* The model's inputs and outputs are rendered from :mod:`vlcache.serving.protocol`.
+* ``artifact_dir`` in the config is relative to the model's folder (``../..``) when the repository is
+  rendered inside the artifact, so the artifact can be moved as a whole; absolute otherwise.
+* ``device`` defaults to ``cuda`` for the ``tensorrt`` backend (instances ``KIND_GPU``) and to
+  ``cpu`` otherwise (``KIND_CPU``).
+* The result replaces ``out`` as a whole only when rendering succeeded (written next to it, then
+  renamed); returns ``out``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import string
+import tempfile
+from pathlib import Path
+
+from vlcache.artifact import read_manifest
+from vlcache.serving import protocol
+
+#: inside the package (a wheel's copy; in a checkout a symlink to the top-level folder)
+TEMPLATES = Path(__file__).resolve().parent / "triton_repo"
+
+
+class RenderError(ValueError):
+    """A template could not be rendered completely (a one-line message)."""
+
+
+def templates_dir() -> Path:
+    """The template repository shipped with the package."""
+    from vlcache.paths import project_root
+
+    for path in (TEMPLATES, project_root() / "triton_repo"):
+        if (path / protocol.MODEL_NAME / "config.pbtxt").is_file():
+            return path
+    raise RenderError(f"the Triton repository templates are missing from {TEMPLATES} (broken installation?)")
+
+
+def _tensor_block(kind: str, specs: tuple[protocol.TensorSpec, ...]) -> str:
+    items = []
+    for spec in specs:
+        dims = ", ".join(str(d) for d in spec.dims)
+        optional = " optional: true" if spec.optional else ""
+        items.append(
+            f'  {{ name: "{spec.name}" data_type: {protocol.CONFIG_TYPES[spec.datatype]} dims: [ {dims} ]{optional} }}'
+        )
+    return f"{kind} [\n" + ",\n".join(items) + "\n]"
+
+
+def render_text(template: str, values: dict[str, str], *, source: str = "template") -> str:
+    """Fill every ``${name}`` of ``template`` from ``values`` (RenderError when one is missing)."""
+    try:
+        text = string.Template(template).substitute(values)
+    except KeyError as e:
+        raise RenderError(f"{source}: no value for placeholder ${{{e.args[0]}}}") from None
+    except ValueError as e:
+        raise RenderError(f"{source}: {e}") from None
+    if "${" in text:
+        raise RenderError(f"{source}: a placeholder is left after rendering")
+    return text
+
+
+def render_repository(
+    artifact_dir: str | Path,
+    *,
+    out: str | Path | None = None,
+    instances: int = 1,
+    max_tokens_cap: int = protocol.DEFAULT_MAX_TOKENS_CAP,
+    num_threads: int = 0,
+    device: str | None = None,
+) -> Path:
+    """Render the model repository for ``artifact_dir`` into ``out`` (default ``ARTIFACT/triton``).
+
+    Args:
+        artifact_dir: the artifact directory (manifest.json, processor/, hf/ for torch).
+        out: where the repository goes; replaced as a whole.
+        instances: model instances (each a Python stub process running one generation at a time).
+        max_tokens_cap: the largest ``max_tokens`` a request may ask for.
+        num_threads: torch intra-op threads per instance (0: torch's default).
+        device: ``cpu`` or ``cuda``; default by backend (see the module docstring).
+    """
+    manifest = read_manifest(artifact_dir)
+    if instances < 1:
+        raise RenderError(f"instances must be >= 1, got {instances}")
+    if max_tokens_cap < 1:
+        raise RenderError(f"max_tokens_cap must be >= 1, got {max_tokens_cap}")
+    if num_threads < 0:
+        raise RenderError(f"num_threads must be >= 0, got {num_threads}")
+    device = device or ("cuda" if manifest.backend == "tensorrt" else "cpu")
+    if device not in ("cpu", "cuda"):
+        raise RenderError(f"device must be cpu or cuda, got {device!r}")
+    target = Path(out).expanduser().resolve() if out is not None else manifest.triton_dir
+    model_dir = target / protocol.MODEL_NAME
+    try:
+        artifact_ref = os.path.relpath(manifest.root, model_dir) if target.is_relative_to(manifest.root) else None
+    except ValueError:
+        artifact_ref = None
+    values = {
+        "model_name": protocol.MODEL_NAME,
+        "inputs": _tensor_block("input", protocol.INPUTS),
+        "outputs": _tensor_block("output", protocol.OUTPUTS),
+        "instances": str(instances),
+        "instance_kind": "KIND_GPU" if device == "cuda" else "KIND_CPU",
+        "artifact_dir": artifact_ref or str(manifest.root),
+        "backend": manifest.backend,
+        "config_hash": manifest.config_hash,
+        "max_tokens_cap": str(max_tokens_cap),
+        "num_threads": str(num_threads),
+        "device": device,
+    }
+    source = templates_dir()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        for path in sorted(source.rglob("*")):
+            rel = path.relative_to(source)
+            if path.is_dir() or "__pycache__" in rel.parts:
+                continue
+            dest = staging / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if path.suffix == ".pbtxt":
+                dest.write_text(
+                    render_text(path.read_text(encoding="utf-8"), values, source=str(rel)), encoding="utf-8"
+                )
+            else:
+                shutil.copyfile(path, dest)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
