@@ -4,19 +4,35 @@ Recipe (deterministic from --seed):
 1. Vision pretraining: the CLIP tower (patch 4 on 64 × 64 → 256 tokens) learns, per patch token,
    the digit in its cell and the cell's row and column (linear heads, discarded afterwards). This
    gives image features that differ between images and carry their location, which is what the
-   language model needs to look a cell up by content.
-2. Instruction tuning: the whole LLaVA (vision tower at a lower learning rate) learns to answer
-   ``<image> question ?`` with ``= answer </s>``; loss on the answer tokens only. A curriculum
-   starts with lookup questions, then mixes in count and compare.
+   language model needs to look a cell up by content. ``--vision-from CKPT`` reuses the tower of a
+   checkpoint made with the same seed instead (the stage is deterministic; it saves ~5 minutes).
+2. Instruction tuning (tower frozen, its features cached for a pool of training scenes): projector
+   and language model learn to answer ``<image> question ?`` with ``= answer </s>``; loss on the
+   answer tokens only. Lookup questions first, then count and compare mixed in. Trained end to end
+   this sits at the answer prior for thousands of steps (the lookup needs a two-hop circuit: gather
+   row and column into the answer position, then attend to that cell). Two curriculum aids break
+   the plateau, both fading out long before the end:
+   * ``--isolate-steps``: the cells not asked about fade in from blank, so the readout of a cell's
+     digit forms first;
+   * ``--route-loss`` / ``--route-steps``: an auxiliary loss on one layer's attention from the
+     answer position to the asked cell (it acts at the position that *generates* the answer, which
+     no compression method observes at prefill, and its weight falls to 0 halfway through).
+   Tried and not kept (no progress within their budgets): distractor fading alone, a short image of
+   16 cell-mean tokens (``--pooled-until``), single-axis questions (``--axis-questions``).
 3. Validation accuracy (greedy, full cache) on the val split; the checkpoint, tokenizer and
-   processor are saved in standard HF format (safetensors) to --out.
+   processor are saved in standard HF format (safetensors) to --out, with training_log.json.
 
-    .venv/bin/python scripts/train_tiny_llava.py --out vlcache/models/llava-tiny
+The shipped model (docs/fidelity.md has its training curve):
+
+    .venv/bin/python scripts/train_tiny_llava.py --out vlcache/models/llava-tiny --threads 1 \
+        --isolate-steps 300 --route-loss 1.0 --route-steps 600 --steps 1000 --lookup-only-steps 450 \
+        --eval-every 250
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import random
@@ -236,6 +252,36 @@ def fade_distractors(feats, blank, batch, progress: float, gen) -> torch.Tensor:
     return feats
 
 
+def axis_question(sample, rng: np.random.Generator):
+    """Training-only question that teaches position one axis at a time: a lookup on cell (r, c)
+    becomes ``what is at row r ?`` about a scene whose only visible column is c (or ``what is at col
+    c ?`` with only row r visible). Returns the sample and the (256,) patches that stay visible."""
+    r, c = sample.cells[0]
+    if rng.random() < 0.5:
+        question, keep = f"what is at row {r} ?", PATCH_CELLS[:, 1] == c
+    else:
+        question, keep = f"what is at col {c} ?", PATCH_CELLS[:, 0] == r
+    return dataclasses.replace(sample, question=question, kind="axis"), keep
+
+
+POOLED_CELLS = torch.tensor([(r, c) for r in range(4) for c in range(4)])  # (16, 2) cell-mean tokens
+
+
+def routing_loss(attn: torch.Tensor, batch, ids: torch.Tensor, lab: torch.Tensor, image_token_id: int) -> torch.Tensor:
+    """Mean over lookup samples of -log(attention mass on the asked cell's image tokens), taken at the
+    position that predicts the answer, averaged over heads. attn: (B, H, T, T) one layer's weights."""
+    terms = []
+    for b, item in enumerate(batch):
+        if isinstance(item, tuple) or item.kind != "lookup":
+            continue
+        q = int((lab[b] != -100).nonzero().flatten()[1]) - 1
+        img = (ids[b] == image_token_id).nonzero().flatten()
+        cells = PATCH_CELLS if len(img) == len(PATCH_CELLS) else POOLED_CELLS
+        target = img[(cells == torch.tensor(item.cells[0])).all(-1)]
+        terms.append(-torch.log(attn[b, :, q, target].sum(-1).mean() + 1e-6))
+    return torch.stack(terms).mean() if terms else attn.new_zeros(())
+
+
 def curriculum_mix(step, args):
     if step < args.lookup_only_steps:
         return {"lookup": 1.0}
@@ -305,13 +351,32 @@ def main() -> None:
         "blank to real (readout is learnt before routing); 0: off",
     )
     p.add_argument(
-        "--pooled-steps",
-        type=int,
-        default=0,
-        help="short-context curriculum: a batch shows the image as its 16 cell-mean tokens instead of 256 "
-        "patch tokens with probability 1 - step/N (the question's tokens are not drowned among image "
-        "tokens while the lookup forms); 0: off",
+        "--pooled-until",
+        type=float,
+        default=0.0,
+        help="short-context curriculum: batches show the image as its 16 cell-mean tokens (not 256 patch "
+        "tokens, 4x faster steps) until the running training accuracy on lookup answers reaches this "
+        "value; then the share of such batches falls linearly to 0 over --pooled-decay steps; 0: off",
     )
+    p.add_argument("--pooled-decay", type=int, default=1000, help="steps over which pooled batches phase out")
+    p.add_argument(
+        "--axis-questions",
+        type=float,
+        default=0.0,
+        help="while pooled batches are in use, this fraction of lookup questions asks for one axis "
+        "(what is at row r ?) about a scene with one visible column (or row): position is taught first",
+    )
+    p.add_argument(
+        "--route-loss",
+        type=float,
+        default=0.0,
+        help="weight of an auxiliary loss on lookup questions: -log of the attention mass (mean over the "
+        "heads of layer --route-layer) that the answer position puts on the asked cell's image tokens; 0: off",
+    )
+    p.add_argument(
+        "--route-steps", type=int, default=0, help="the --route-loss weight falls linearly to 0 over N steps"
+    )
+    p.add_argument("--route-layer", type=int, default=2, help="decoder layer whose attention --route-loss shapes")
     p.add_argument("--eval-samples", type=int, default=256)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args()
@@ -356,6 +421,9 @@ def main() -> None:
 
     blank = vision_features(model, [Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE))])  # (1, 256, H): an empty scene
 
+    if args.route_loss > 0:  # attention weights are needed: eager attention in the language model
+        model.set_attn_implementation({"text_config": "eager", "vision_config": "sdpa"})
+
     projector_params = list(model.model.multi_modal_projector.parameters())
     lm_params = list(model.model.language_model.parameters()) + list(model.lm_head.parameters())
     opt = torch.optim.AdamW(
@@ -365,6 +433,7 @@ def main() -> None:
     base_lrs = [g["lr"] for g in opt.param_groups]
     warmup = 100
     gen = torch.Generator().manual_seed(args.seed)
+    lookup_acc, decay_from = 0.0, None
     bar = tqdm(range(args.steps), desc="instruction tuning", mininterval=5)
     for step in bar:
         flat = int(args.constant_frac * args.steps)
@@ -383,19 +452,48 @@ def main() -> None:
             for k, i in enumerate(chosen)
         ]
         feats = pool_feats[chosen]
-        pooled = step < args.pooled_steps and torch.rand((), generator=gen).item() < 1 - step / args.pooled_steps
+        if args.pooled_until > 0 and decay_from is None and lookup_acc >= args.pooled_until:
+            decay_from = step
+            tqdm.write(f"step {step}: lookup train accuracy {lookup_acc:.3f}; phasing out pooled images")
+        share = 1.0 if decay_from is None else max(0.0, 1 - (step - decay_from) / args.pooled_decay)
+        pooled = args.pooled_until > 0 and torch.rand((), generator=gen).item() < share
+        if args.axis_questions and args.pooled_until > 0 and share > 0:
+            rng = np.random.default_rng([args.seed, step])
+            feats = feats.clone()
+            for k, item in enumerate(batch):
+                if not isinstance(item, tuple) and item.kind == "lookup" and rng.random() < args.axis_questions:
+                    batch[k], keep = axis_question(item, rng)
+                    feats[k, ~keep] = blank[0, ~keep]
         if pooled:
             feats = cell_means(feats).flatten(1, 2)  # (B, 16, H): one token per cell, row-major
         ids, mask, lab = encode_batch(batch, tok, image_token_id, feats.shape[1])
         if step < args.isolate_steps and not pooled:
             feats = fade_distractors(feats, blank, batch, step / args.isolate_steps, gen)
-        out = model(inputs_embeds=embed_with_features(model, ids, feats), attention_mask=mask, labels=lab)
+        out = model(
+            inputs_embeds=embed_with_features(model, ids, feats),
+            attention_mask=mask,
+            labels=lab,
+            output_attentions=step < args.route_steps and args.route_loss > 0,
+        )
+        loss = out.loss
+        route_w = args.route_loss * max(0.0, 1 - step / args.route_steps) if args.route_steps else 0.0
+        if route_w > 0:  # a curriculum aid that fades out linearly over --route-steps
+            loss = loss + route_w * routing_loss(out.attentions[args.route_layer], batch, ids, lab, image_token_id)
+        with torch.no_grad():  # running accuracy of the answer token on lookup questions
+            hits = [
+                float(out.logits[b, pos[1] - 1].argmax() == lab[b, pos[1]])
+                for b, item in enumerate(batch)
+                if not isinstance(item, tuple) and item.kind == "lookup"
+                for pos in [(lab[b] != -100).nonzero().flatten()]
+            ]
+            if hits:
+                lookup_acc = 0.95 * lookup_acc + 0.05 * sum(hits) / len(hits)
         opt.zero_grad()
-        out.loss.backward()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(projector_params + lm_params, 1.0)
         opt.step()
         if step % 20 == 0:
-            bar.set_postfix(loss=f"{out.loss.item():.3f}")
+            bar.set_postfix(loss=f"{out.loss.item():.3f}", lookup=f"{lookup_acc:.2f}")
             log.append({"stage": "lm", "step": step, "loss": out.loss.item(), "seconds": time.time() - t_start})
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             acc, per_kind = evaluate(model, tok, "val", args.eval_samples, args.seed, image_token_id, n_image)

@@ -442,3 +442,23 @@ def test_bundled_llava_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     results = json.loads((out / "results.json").read_text())
     for s in results["samples"]:
         assert s["predictions"][0]["tokens"] == s["predictions"][1]["tokens"]
+
+
+@pytest.mark.skipif(
+    not (bundled_path("llava-tiny") / "config.json").is_file(), reason="bundled llava-tiny not trained yet"
+)
+def test_bundled_llava_tiny_matches_its_recorded_accuracy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Loaded offline through vlcache-eval, the shipped model answers the test split as well as its
+    training run measured on the val split (within sampling noise): the checkpoint, tokenizer and
+    processor that ship are the ones that were trained and measured."""
+    import math
+
+    log = json.loads((bundled_path("llava-tiny") / "training_log.json").read_text())
+    recorded = float(log["val_accuracy"])
+    n = 96
+    out = tmp_path / "acc"
+    argv = ["--model", "llava-tiny", "--methods", "full", "--budgets", "1.0", "--samples", str(n), "--out", str(out)]
+    assert main(argv + ["--threads", "1", "--no-progress"]) == 0
+    acc = json.loads((out / "results.json").read_text())["results"][0]["accuracy"]
+    sigma = math.sqrt(max(recorded * (1 - recorded), 0.01) / n)
+    assert abs(acc - recorded) <= 4 * sigma + 0.03, (acc, recorded)

@@ -52,7 +52,9 @@ def test_onnx_generates_what_torch_generates(
     assert s_onnx["kept_per_layer"] == s_torch["kept_per_layer"]
     m, layers = s_onnx["prompt_tokens"], len(s_onnx["kept_per_layer"])
     assert sum(s_onnx["kept_per_layer"]) == round(float(budget) * layers * m)
-    assert s_onnx["kv_bytes_after"] == s_torch["kv_bytes_after"] < s_onnx["kv_bytes_before"] or budget == "1.0"
+    assert s_onnx["kv_bytes_after"] == s_torch["kv_bytes_after"]
+    expected_after = s_onnx["kv_bytes_before"] * sum(s_onnx["kept_per_layer"]) / (layers * m)
+    assert s_onnx["kv_bytes_after"] == pytest.approx(expected_after)
 
 
 @pytest.mark.parametrize(

@@ -139,8 +139,11 @@ class BuildConfig:
             raise ValueError(f"max_input_len must be >= 2, got {self.max_input_len}")
         if not 17 <= self.opset <= 23:
             raise ValueError(f"opset must lie in [17, 23], got {self.opset}")
-        if self.backend == "onnx" and self.dtype == "bfloat16":
-            raise ValueError("dtype bfloat16 is not supported by the onnx backend (ONNX Runtime CPU); use float32")
+        if self.backend == "onnx" and self.dtype != "float32":
+            raise ValueError(
+                f"the onnx backend exports float32 graphs (ONNX Runtime on CPU), not {self.dtype}; "
+                "lower precision is the tensorrt backend's (TensorRT lowers it when it builds engines)"
+            )
 
     def to_dict(self) -> dict[str, object]:
         d = asdict(self)

@@ -130,16 +130,24 @@ def _export_onnx(model: Any, folder: Path, config: BuildConfig) -> None:
         from vlcache.export import export_llava
     except ImportError as e:
         raise BuildError(f"the onnx backend needs the onnx extra (pip install 'vlcache[onnx]'): {e}") from None
-    export_llava(model, folder, dtype=config.dtype, opset=config.opset, max_input_len=config.max_input_len)
+    try:
+        export_llava(model, folder, dtype=config.dtype, opset=config.opset, max_input_len=config.max_input_len)
+    except ValueError as e:  # an unsupported model or setting (LLaVA-NeXT, a dtype the exporter refuses)
+        raise BuildError(f"ONNX export failed: {e}") from None
 
 
 def _build_engines(model: Any, folder: Path, config: BuildConfig, progress: Progress) -> None:
+    """GPU hosts only (guarded by :func:`resolve_backend`); never run on a GPU by this project yet.
+    The fp32 ONNX export is the engines' source; TensorRT lowers precision to ``config.dtype``."""
     onnx_dir = folder.parent / ONNX_DIR
-    _export_onnx(model, onnx_dir, config)
-    from vlcache_plugins.build import build_engines  # GPU hosts only; guarded by resolve_backend
+    _export_onnx(model, onnx_dir, replace(config, dtype="float32"))
+    from vlcache_plugins.build import build_engines
 
-    progress("  building TensorRT engines (this takes minutes)")
-    build_engines(onnx_dir, folder, dtype=config.dtype, max_input_len=config.max_input_len)
+    progress("      building TensorRT engines (this takes minutes)")
+    try:
+        build_engines(onnx_dir, folder, dtype=config.dtype, max_input_len=config.max_input_len)
+    except RuntimeError as e:
+        raise BuildError(f"TensorRT engine build failed: {e}") from None
 
 
 def _render_triton(folder: Path, artifact: Path, plan: Plan) -> None:

@@ -18,9 +18,10 @@ import typing
 from collections.abc import Sequence
 from dataclasses import MISSING, fields
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from vlcache.builder import BuildError
+from vlcache.cli import Parser, run_main
 from vlcache.config import BACKENDS, DTYPES, BuildConfig, CompressionConfig
 
 PROG = "vlcache-build"
@@ -39,11 +40,6 @@ _HELP = {
     "chunk_size": "query rows per chunk when scoring (memory only)",
     "seed": "seed of the 'random' method",
 }
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def _optional_int(text: str) -> int | None:
@@ -70,7 +66,7 @@ def _add_compression_flags(group: argparse._ArgumentGroup) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = Parser(
         prog=PROG,
         description="Build a vision-language model with VL-Cache KV compression into a deployable artifact "
         "directory (graphs or engines, processor files, manifest.json, Triton model repository).",
@@ -144,15 +140,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        run(args)
-    except BuildError as e:
-        parser.exit(2, f"{PROG}: error: {e}\n")
-    except KeyboardInterrupt:
-        parser.exit(130, f"{PROG}: interrupted; nothing written\n")
-    return 0
+    """Entry point; ``argv`` defaults to ``sys.argv[1:]``. Returns 0 or exits with a one-line error."""
+    return run_main(build_parser(), run, argv, (BuildError,))
 
 
 if __name__ == "__main__":

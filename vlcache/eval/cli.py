@@ -19,8 +19,9 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
+from vlcache.cli import Parser, run_main
 from vlcache.eval import EvalError
 
 PROG = "vlcache-eval"
@@ -28,15 +29,8 @@ DEFAULT_METHODS = "full,vlcache,tgvkv,snapkv,h2o,pyramidkv,streaming,random"
 DEFAULT_BUDGETS = "1.0,0.2,0.1,0.05,0.02,0.01"
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (no usage block), like every other error of this command."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = Parser(
         prog=PROG,
         description=__doc__.splitlines()[0] if __doc__ else None,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -256,15 +250,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; ``argv`` defaults to ``sys.argv[1:]``. Returns 0 or exits with a one-line error."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        run(args)
-    except EvalError as e:
-        parser.exit(2, f"{PROG}: error: {e}\n")
-    except KeyboardInterrupt:
-        parser.exit(130, f"{PROG}: interrupted; nothing written\n")
-    return 0
+    return run_main(build_parser(), run, argv, (EvalError,))
 
 
 if __name__ == "__main__":

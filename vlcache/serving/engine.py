@@ -352,13 +352,15 @@ class RuntimeEngine(_ProcessorEngine):
         )
 
 
-def load_engine(artifact_dir: str | Path, *, device: str = "cpu", verify: bool = True) -> Engine:
+def load_engine(artifact_dir: str | Path, *, device: str = "cpu", verify: bool = True, threads: int = 0) -> Engine:
     """The engine for ``artifact_dir``'s backend (ArtifactError when it cannot be loaded).
 
     ``verify``: check the manifest's config hash, every file's sha256 and the runtime's package
     versions first (:func:`vlcache.artifact.verify_artifact`); False only checks its structure.
+    ``threads``: ONNX Runtime intra-op threads of the ``onnx`` backend (0: ONNX Runtime's default,
+    one per physical core); the torch backend takes ``torch.set_num_threads`` from its caller.
     """
     manifest = verify_artifact(artifact_dir) if verify else read_manifest(artifact_dir)
     if manifest.backend == "torch":
         return TorchEngine(manifest, device=device)
-    return RuntimeEngine(manifest)
+    return RuntimeEngine(manifest, threads=threads)

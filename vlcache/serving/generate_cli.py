@@ -16,14 +16,11 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
+
+from vlcache.cli import Parser, run_main
 
 PROG = "vlcache-generate"
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 class GenerateError(Exception):
@@ -31,7 +28,7 @@ class GenerateError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(prog=PROG, description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("artifact", type=Path, help="artifact directory written by vlcache-build")
     p.add_argument("--image", required=True, help="PNG / JPEG file, or digits:N for scene N of the digits test split")
     p.add_argument("--prompt", required=True, help="the question (the image placeholder is added for you)")
@@ -79,7 +76,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        engine = load_engine(args.artifact, verify=not args.no_verify)
+        engine = load_engine(args.artifact, verify=not args.no_verify, threads=max(args.threads, 0))
         stats = engine.generate(
             image,
             args.prompt,
@@ -96,15 +93,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        run(args)
-    except GenerateError as e:
-        parser.exit(2, f"{PROG}: error: {e}\n")
-    except KeyboardInterrupt:
-        parser.exit(130, f"{PROG}: interrupted\n")
-    return 0
+    """Entry point; ``argv`` defaults to ``sys.argv[1:]``. Returns 0 or exits with a one-line error."""
+    return run_main(build_parser(), run, argv, (GenerateError,), interrupted="interrupted")
 
 
 if __name__ == "__main__":

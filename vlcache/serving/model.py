@@ -3,8 +3,8 @@
 Contract:
 * ``initialize`` reads the model config's parameters (rendered by
   :func:`vlcache.serving.render_repository`): ``artifact_dir`` (absolute, or relative to the model's
-  folder in the repository), ``max_tokens_cap``, ``num_threads`` (torch intra-op threads, 0 = leave
-  torch's default) and ``device``; it refuses a config that is not decoupled; then it loads the
+  folder in the repository), ``max_tokens_cap``, ``num_threads`` (torch and ONNX Runtime intra-op
+  threads, 0 = leave their defaults) and ``device``; it refuses a config that is not decoupled; then it loads the
   engine with :func:`vlcache.serving.load_engine`.
 * ``execute`` serves its requests one after another, each on its own response stream: one response
   per new piece of text (output ``text``), then a final response (flag ``FINAL``) with ``text`` empty
@@ -61,7 +61,7 @@ class ServedModel:
         device = params.get("device", "cpu") or "cpu"
         if device == "cuda":  # KIND_GPU instances: one per GPU of the instance group
             device = f"cuda:{args.get('model_instance_device_id', 0)}"
-        self.engine = load_engine(artifact.resolve(), device=device)
+        self.engine = load_engine(artifact.resolve(), device=device, threads=max(threads, 0))
         cap = int(params.get("max_tokens_cap", "") or protocol.DEFAULT_MAX_TOKENS_CAP)
         self.limits = Limits(methods=tuple(available()), max_tokens_cap=cap)
         self.logger = pb.Logger

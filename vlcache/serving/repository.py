@@ -84,7 +84,7 @@ def render_repository(
         out: where the repository goes; replaced as a whole.
         instances: model instances (each a Python stub process running one generation at a time).
         max_tokens_cap: the largest ``max_tokens`` a request may ask for.
-        num_threads: torch intra-op threads per instance (0: torch's default).
+        num_threads: torch and ONNX Runtime intra-op threads per instance (0: their defaults).
         device: ``cpu`` or ``cuda``; default by backend (see the module docstring).
     """
     manifest = read_manifest(artifact_dir)

@@ -165,11 +165,12 @@ class TritonServer:
         max_tokens_cap: int | None = None,
         **kwargs: object,
     ) -> TritonServer:
-        """Serve ``ARTIFACT/triton``, or a copy rendered with these settings when any is given."""
-        from vlcache.artifact import read_manifest
+        """Serve ``ARTIFACT/triton``, or a copy rendered with these settings when any is given.
+        The artifact is verified first (hashes, versions: :func:`vlcache.artifact.verify_artifact`)."""
+        from vlcache.artifact import verify_artifact
         from vlcache.serving.repository import render_repository
 
-        manifest = read_manifest(artifact_dir)
+        manifest = verify_artifact(artifact_dir)
         repository = manifest.triton_dir
         overrides = {
             k: v
@@ -297,7 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http-port", type=int, default=8000, help="HTTP port (0: a free one)")
     p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (0: a free one)")
     p.add_argument("--instances", type=int, default=None, help="model instances (default: the rendered repository's)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads per instance (default: the repository's)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch / ONNX Runtime threads per instance (default: the repository's)",
+    )
     p.add_argument("--max-tokens-cap", type=int, default=None, help="largest max_tokens a request may ask for")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the model to be ready")
     return p
