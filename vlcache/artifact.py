@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -100,14 +99,12 @@ def versions() -> dict[str, str]:
     return out
 
 
-def file_table(root: Path, on_file: Callable[[Path], None] | None = None) -> dict[str, dict[str, Any]]:
+def file_table(root: Path) -> dict[str, dict[str, Any]]:
     """Every file under ``root`` but the manifest: relative path -> {sha256, bytes}."""
     table = {}
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root).as_posix()
         if p.is_file() and rel != MANIFEST and "__pycache__" not in p.parts:
-            if on_file:
-                on_file(p)
             table[rel] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
     return table
 

@@ -32,7 +32,6 @@ from vlcache.artifact import (
     MANIFEST,
     ONNX_DIR,
     PROCESSOR_DIR,
-    TRITON_DIR,
     ArtifactError,
     file_table,
     verify_artifact,
@@ -150,7 +149,7 @@ def _build_engines(model: Any, folder: Path, config: BuildConfig, progress: Prog
         raise BuildError(f"TensorRT engine build failed: {e}") from None
 
 
-def _render_triton(folder: Path, artifact: Path, plan: Plan) -> None:
+def _render_triton(artifact: Path) -> None:
     try:
         from vlcache.serving.repository import render_repository
     except ImportError:
@@ -235,7 +234,7 @@ def build(plan: Plan, *, force: bool = False, progress: Progress = print) -> dic
         }
         # The Triton repository reads the manifest's settings, so a first manifest exists while it renders.
         (tmp / MANIFEST).write_text(json.dumps({**manifest, "files": {}}, indent=1) + "\n", encoding="utf-8")
-        _render_triton(tmp / TRITON_DIR, tmp, plan)
+        _render_triton(tmp)
         manifest["files"] = file_table(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
         done(t, f"{len(manifest['files'])} files")

@@ -6,7 +6,6 @@ how to fix it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,12 +102,10 @@ def resolve_source(spec: str, profiles: dict[str, Profile] | None = None) -> Mod
     )
 
 
-def hash_tree(root: Path, on_file: Callable[[Path], None] | None = None) -> dict[str, str]:
+def hash_tree(root: Path) -> dict[str, str]:
     """Relative path -> sha256 of every regular file under ``root`` (symlinks followed, sorted)."""
     out: dict[str, str] = {}
     for p in sorted(root.rglob("*")):
         if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts):
-            if on_file:
-                on_file(p)
             out[p.relative_to(root).as_posix()] = sha256_file(p)
     return out
