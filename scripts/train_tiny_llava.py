@@ -1,32 +1,37 @@
 """Train `llava-tiny`: a real LlavaForConditionalGeneration on the `digits` task, on a CPU.
 
 Recipe (deterministic from --seed):
-1. Vision pretraining: the CLIP tower (patch 4 on 64 × 64 → 256 tokens) learns, per patch token,
-   the digit in its cell and the cell's row and column (linear heads, discarded afterwards). This
-   gives image features that differ between images and carry their location, which is what the
-   language model needs to look a cell up by content. ``--vision-from CKPT`` reuses the tower of a
-   checkpoint made with the same seed instead (the stage is deterministic; it saves ~5 minutes).
+1. Vision pretraining: the CLIP tower (patch 4 on 64 × 64 → 256 tokens) learns, on *every* patch
+   token, the digit in its cell and the cell's row and column (linear heads, discarded afterwards).
+   This gives image features that differ between images and carry their location, and whichever of
+   a cell's tokens the language model reads holds the digit. ``--steps 0`` stops after this stage
+   and saves a checkpoint; ``--vision-from CKPT`` reuses its tower.
 2. Instruction tuning (tower frozen, its features cached for a pool of training scenes): projector
    and language model learn to answer ``<image> question ?`` with ``= answer </s>``; loss on the
    answer tokens only. Lookup questions first, then count and compare mixed in. Trained end to end
-   this sits at the answer prior for thousands of steps (the lookup needs a two-hop circuit: gather
-   row and column into the answer position, then attend to that cell). Two curriculum aids break
-   the plateau, both fading out long before the end:
-   * ``--isolate-steps``: the cells not asked about fade in from blank, so the readout of a cell's
-     digit forms first;
-   * ``--route-loss`` / ``--route-steps``: an auxiliary loss on one layer's attention from the
-     answer position to the asked cell (it acts at the position that *generates* the answer, which
-     no compression method observes at prefill, and its weight falls to 0 halfway through).
-   Tried and not kept (no progress within their budgets): distractor fading alone, a short image of
-   16 cell-mean tokens (``--pooled-until``), single-axis questions (``--axis-questions``).
+   this sits at the answer prior for thousands of steps: the lookup needs a two-hop circuit
+   (gather row and column into the answer position, then attend to that cell among 256 tokens).
+   Two training-only aids, on lookup and compare questions, teach the hops one at a time:
+   * ``--gather-loss``: a linear probe must read the named cells' rows and columns from the
+     residual stream at the answer position entering layer ``--route-layer`` (first hop);
+   * ``--route-loss``: -log of that layer's attention mass from the answer position on the named
+     cell (second hop; half the heads on a compare question's first cell, half on its second).
+   Both act at the position that *generates* the answer, which no compression method observes at
+   prefill; they hold for ``--route-hold`` steps, then fade to 0 by ``--route-steps``. With them the
+   routing forms in ~300 steps and the digit readout through it ~200 steps later.
+   Tried and not kept (docs/fidelity.md): distractor fading (``--isolate-steps``), a short image
+   of 16 cell-mean tokens (``--pooled-until``), single-axis questions (``--axis-questions``), and
+   the routing loss without the gather probe.
 3. Validation accuracy (greedy, full cache) on the val split; the checkpoint, tokenizer and
    processor are saved in standard HF format (safetensors) to --out, with training_log.json.
 
-The shipped model (docs/fidelity.md has its training curve):
+The shipped model (38 min of stage 2 plus 3 min of stage 1 on 2 idle cores; docs/fidelity.md has
+its training curve):
 
-    .venv/bin/python scripts/train_tiny_llava.py --out vlcache/models/llava-tiny --threads 1 \
-        --isolate-steps 300 --route-loss 1.0 --route-steps 600 --steps 1000 --lookup-only-steps 450 \
-        --eval-every 250
+    .venv/bin/python scripts/train_tiny_llava.py --out /tmp/vision --steps 0 --threads 2
+    .venv/bin/python scripts/train_tiny_llava.py --out vlcache/models/llava-tiny --vision-from /tmp/vision \
+        --threads 2 --steps 2000 --lookup-only-steps 700 --constant-frac 0.3 --route-loss 1.0 \
+        --gather-loss 1.0 --route-hold 1200 --route-steps 1700 --route-layer 2 --eval-every 250
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from vlcache.eval.tasks import ANSWER_PREFIX, IMAGE_SIZE, DigitScenes, cell_of_patch, format_prompt, vocabulary
+from vlcache.eval.tasks import ANSWER_PREFIX, CELL, IMAGE_SIZE, DigitScenes, cell_of_patch, format_prompt, vocabulary
 
 PATCH = 4
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
@@ -147,37 +152,69 @@ def cell_means(feats: torch.Tensor) -> torch.Tensor:
     return feats.reshape(b, 4, per, 4, per, h).mean(dim=(2, 4))
 
 
+def shift_cells(px: torch.Tensor, max_shift: int, rng: np.random.Generator) -> torch.Tensor:
+    """Augmentation for vision pretraining: each cell's content rolled by up to ``max_shift`` pixels
+    in each direction (the digits' borders are blank), so the tower learns digits rather than the
+    1,257 training images' exact pixels. px: (B, 3, 64, 64) -> same shape."""
+    b = px.shape[0]
+    cells = px.reshape(b, 3, 4, CELL, 4, CELL).clone()
+    shifts = rng.integers(-max_shift, max_shift + 1, size=(b, 4, 4, 2))
+    for i in range(b):
+        for r in range(4):
+            for c in range(4):
+                dy, dx = (int(x) for x in shifts[i, r, c])
+                cells[i, :, r, :, c, :] = torch.roll(cells[i, :, r, :, c, :], shifts=(dy, dx), dims=(1, 2))
+    return cells.reshape_as(px)
+
+
 def pretrain_vision(model, args, log):
     tower = model.model.vision_tower
     hidden = model.config.vision_config.hidden_size
     heads = torch.nn.ModuleDict(
         {"digit": torch.nn.Linear(hidden, 10), "row": torch.nn.Linear(hidden, 4), "col": torch.nn.Linear(hidden, 4)}
     )
-    opt = torch.optim.AdamW(list(tower.parameters()) + list(heads.parameters()), lr=args.vision_lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(
+        list(tower.parameters()) + list(heads.parameters()), lr=args.vision_lr, weight_decay=args.vision_weight_decay
+    )
+    # optional cosine decay to 5% (--vision-cosine); the shipped tower used a constant rate
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda i: (
+            0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, i / max(1, args.vision_steps))))
+            if args.vision_cosine
+            else 1.0
+        ),
+    )
     scenes = DigitScenes("train", seed=args.seed)
+    aug = np.random.default_rng([args.seed, 7])
     rows, cols = PATCH_CELLS[:, 0], PATCH_CELLS[:, 1]
     bar = tqdm(range(args.vision_steps), desc="vision pretraining", mininterval=5)
     for step in bar:
         idx = range(step * args.batch, (step + 1) * args.batch)
         batch = [scenes.scene(i) for i in idx]
         px = pixels([b[0] for b in batch])
+        if args.vision_shift:
+            px = shift_cells(px, args.vision_shift, aug)
         grid = torch.from_numpy(np.stack([b[1] for b in batch]))  # (B, 4, 4)
         feats = tower(px, output_hidden_states=True).hidden_states[-1][:, 1:]  # (B, 256, H), CLS dropped
-        # The digit is read from the mean of a cell's 16 patch tokens (what an attention head over
-        # the cell sees); the row and column from every patch token on its own.
+        # Every patch token on its own carries its cell's digit, row and column: whichever of a
+        # cell's tokens the language model attends to, the value it reads holds the digit.
         cell_feats = cell_means(feats)  # (B, 4, 4, H)
+        patch_digits = grid[:, rows, cols]  # (B, 256)
         loss = (
-            F.cross_entropy(heads["digit"](cell_feats).flatten(0, 2), grid.flatten())
+            F.cross_entropy(heads["digit"](feats).flatten(0, 1), patch_digits.flatten())
             + F.cross_entropy(heads["row"](feats).flatten(0, 1), rows.repeat(len(batch)))
             + F.cross_entropy(heads["col"](feats).flatten(0, 1), cols.repeat(len(batch)))
         )
         opt.zero_grad()
         loss.backward()
         opt.step()
+        sched.step()
         if step % 20 == 0:
             with torch.no_grad():
                 acc = float((heads["digit"](cell_feats).argmax(-1) == grid).float().mean())
-            bar.set_postfix(loss=f"{loss.item():.3f}", cell_acc=f"{acc:.3f}")
+                acc_patch = float((heads["digit"](feats).argmax(-1) == patch_digits).float().mean())
+            bar.set_postfix(loss=f"{loss.item():.3f}", cell_acc=f"{acc:.3f}", patch_acc=f"{acc_patch:.3f}")
             log.append({"stage": "vision", "step": step, "loss": loss.item(), "train_cell_digit_acc": acc})
     # held-out check on val digits
     val = DigitScenes("val", seed=args.seed)
@@ -186,8 +223,9 @@ def pretrain_vision(model, args, log):
         feats = tower(pixels([b[0] for b in batch]), output_hidden_states=True).hidden_states[-1][:, 1:]
         grid = torch.from_numpy(np.stack([b[1] for b in batch]))
         cell_acc = float((heads["digit"](cell_means(feats)).argmax(-1) == grid).float().mean())
-    log.append({"stage": "vision", "val_cell_digit_acc": cell_acc})
-    print(f"vision pretraining: held-out per-cell digit accuracy {cell_acc:.3f}")
+        patch_acc = float((heads["digit"](feats).argmax(-1) == grid[:, rows, cols]).float().mean())
+    log.append({"stage": "vision", "val_cell_digit_acc": cell_acc, "val_patch_digit_acc": patch_acc})
+    print(f"vision pretraining: held-out digit accuracy per cell {cell_acc:.3f}, per patch token {patch_acc:.3f}")
     return cell_acc
 
 
@@ -267,19 +305,59 @@ def axis_question(sample, rng: np.random.Generator):
 POOLED_CELLS = torch.tensor([(r, c) for r in range(4) for c in range(4)])  # (16, 2) cell-mean tokens
 
 
-def routing_loss(attn: torch.Tensor, batch, ids: torch.Tensor, lab: torch.Tensor, image_token_id: int) -> torch.Tensor:
-    """Mean over lookup samples of -log(attention mass on the asked cell's image tokens), taken at the
-    position that predicts the answer, averaged over heads. attn: (B, H, T, T) one layer's weights."""
-    terms = []
+ROUTED_KINDS = ("lookup", "compare")  # questions that name cells: the aids below apply to them
+
+
+def named_cells(sample) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The first and the last cell a question names (the same cell twice for a lookup)."""
+    return sample.cells[0], sample.cells[-1]
+
+
+def routing_loss(
+    attn: torch.Tensor, batch, ids: torch.Tensor, lab: torch.Tensor, image_token_id: int
+) -> tuple[torch.Tensor, float]:
+    """Mean over lookup and compare samples of -log(attention mass on a named cell's image tokens),
+    taken at the position that predicts the answer: the first half of the heads on the first named
+    cell, the second half on the last (both on the one cell of a lookup). attn: (B, H, T, T) one
+    layer's weights. Returns the loss and the mean mass (for the progress bar)."""
+    terms, masses = [], []
+    half = attn.shape[1] // 2
     for b, item in enumerate(batch):
-        if isinstance(item, tuple) or item.kind != "lookup":
+        if isinstance(item, tuple) or item.kind not in ROUTED_KINDS:
             continue
         q = int((lab[b] != -100).nonzero().flatten()[1]) - 1
         img = (ids[b] == image_token_id).nonzero().flatten()
         cells = PATCH_CELLS if len(img) == len(PATCH_CELLS) else POOLED_CELLS
-        target = img[(cells == torch.tensor(item.cells[0])).all(-1)]
-        terms.append(-torch.log(attn[b, :, q, target].sum(-1).mean() + 1e-6))
-    return torch.stack(terms).mean() if terms else attn.new_zeros(())
+        for heads, cell in zip((slice(0, half), slice(half, None)), named_cells(item)):
+            target = img[(cells == torch.tensor(cell)).all(-1)]
+            mass = attn[b, heads, q, target].sum(-1).mean()
+            terms.append(-torch.log(mass + 1e-6))
+            masses.append(float(mass.detach()))
+    if not terms:
+        return attn.new_zeros(()), float("nan")
+    return torch.stack(terms).mean(), sum(masses) / len(masses)
+
+
+def gather_loss(hidden: torch.Tensor, probe: torch.nn.Module, batch, lab: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Cross-entropy of a training-only linear probe that reads the named cells' rows and columns
+    (first and last named cell, see :func:`named_cells`) from the residual stream at the answer
+    position, entering the routed layer. hidden: (B, T, H). It teaches the first hop (gather
+    ``row R col C`` into the answer position) directly, so the routing loss has a query to shape.
+    Returns the loss and the probe's accuracy (all four axes right)."""
+    targets, feats = [], []
+    for b, item in enumerate(batch):
+        if isinstance(item, tuple) or item.kind not in ROUTED_KINDS:
+            continue
+        q = int((lab[b] != -100).nonzero().flatten()[1]) - 1
+        feats.append(hidden[b, q])
+        first, last = named_cells(item)
+        targets.append([*first, *last])
+    if not feats:
+        return hidden.new_zeros(()), float("nan")
+    logits = probe(torch.stack(feats)).view(len(feats), 4, 4)  # (N, row|col of first|last, 4)
+    target = torch.tensor(targets)  # (N, 4)
+    acc = float((logits.argmax(-1) == target).all(-1).float().mean())
+    return F.cross_entropy(logits.flatten(0, 1), target.flatten()), acc
 
 
 def curriculum_mix(step, args):
@@ -333,6 +411,9 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--projector-lr", type=float, default=3e-3)
     p.add_argument("--vision-lr", type=float, default=1e-3)
+    p.add_argument("--vision-weight-decay", type=float, default=0.0)
+    p.add_argument("--vision-cosine", action="store_true", help="cosine learning-rate decay in vision pretraining")
+    p.add_argument("--vision-shift", type=int, default=0, help="vision augmentation: roll each cell by up to N px")
     p.add_argument("--vision-hidden", type=int, default=128)
     p.add_argument("--vision-layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=128)
@@ -376,6 +457,14 @@ def main() -> None:
     p.add_argument(
         "--route-steps", type=int, default=0, help="the --route-loss weight falls linearly to 0 over N steps"
     )
+    p.add_argument("--route-hold", type=int, default=0, help="steps at full --route-loss weight before its fade")
+    p.add_argument(
+        "--gather-loss",
+        type=float,
+        default=0.0,
+        help="weight of a training-only probe loss: the asked row and column must be linearly readable at "
+        "the answer position entering --route-layer (teaches the first hop); follows --route-loss's schedule",
+    )
     p.add_argument("--route-layer", type=int, default=2, help="decoder layer whose attention --route-loss shapes")
     p.add_argument("--eval-samples", type=int, default=256)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -406,6 +495,13 @@ def main() -> None:
     else:
         pretrain_vision(model, args, log)
 
+    if args.steps == 0:  # vision pretraining only: a checkpoint to reuse with --vision-from
+        save(model, processor, args.out)
+        (args.out / "training_log.json").write_text(
+            json.dumps({"recipe": vars(args) | {"out": str(args.out)}, "log": log}, default=str)
+        )
+        return
+
     # Stage 2: the tower is frozen; its features for a pool of training scenes are computed once.
     for p_ in model.model.vision_tower.parameters():
         p_.requires_grad_(False)
@@ -426,6 +522,8 @@ def main() -> None:
 
     projector_params = list(model.model.multi_modal_projector.parameters())
     lm_params = list(model.model.language_model.parameters()) + list(model.lm_head.parameters())
+    probe = torch.nn.Linear(args.hidden, 16)  # training-only (--gather-loss); not part of the model
+    lm_params += list(probe.parameters())
     opt = torch.optim.AdamW(
         [{"params": projector_params, "lr": args.projector_lr}, {"params": lm_params, "lr": args.lr}],
         weight_decay=0.01,
@@ -433,7 +531,7 @@ def main() -> None:
     base_lrs = [g["lr"] for g in opt.param_groups]
     warmup = 100
     gen = torch.Generator().manual_seed(args.seed)
-    lookup_acc, decay_from = 0.0, None
+    lookup_acc, route_mass, gather_acc, decay_from = 0.0, 0.0, 0.0, None
     bar = tqdm(range(args.steps), desc="instruction tuning", mininterval=5)
     for step in bar:
         flat = int(args.constant_frac * args.steps)
@@ -474,11 +572,23 @@ def main() -> None:
             attention_mask=mask,
             labels=lab,
             output_attentions=step < args.route_steps and args.route_loss > 0,
+            output_hidden_states=step < args.route_steps and args.gather_loss > 0,
         )
         loss = out.loss
-        route_w = args.route_loss * max(0.0, 1 - step / args.route_steps) if args.route_steps else 0.0
-        if route_w > 0:  # a curriculum aid that fades out linearly over --route-steps
-            loss = loss + route_w * routing_loss(out.attentions[args.route_layer], batch, ids, lab, image_token_id)
+        route_w = 0.0
+        if args.route_steps:  # a curriculum aid: full weight for --route-hold steps, then a linear fade
+            hold = min(args.route_hold, args.route_steps)
+            route_w = args.route_loss * min(1.0, max(0.0, (args.route_steps - step) / max(1, args.route_steps - hold)))
+        if route_w > 0:
+            r_loss, r_mass = routing_loss(out.attentions[args.route_layer], batch, ids, lab, image_token_id)
+            loss = loss + route_w * r_loss
+            if not math.isnan(r_mass):
+                route_mass = 0.9 * route_mass + 0.1 * r_mass
+        if route_w > 0 and args.gather_loss > 0:
+            g_loss, g_acc = gather_loss(out.hidden_states[args.route_layer], probe, batch, lab)
+            loss = loss + route_w / args.route_loss * args.gather_loss * g_loss
+            if not math.isnan(g_acc):
+                gather_acc = 0.9 * gather_acc + 0.1 * g_acc
         with torch.no_grad():  # running accuracy of the answer token on lookup questions
             hits = [
                 float(out.logits[b, pos[1] - 1].argmax() == lab[b, pos[1]])
@@ -493,8 +603,23 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(projector_params + lm_params, 1.0)
         opt.step()
         if step % 20 == 0:
-            bar.set_postfix(loss=f"{out.loss.item():.3f}", lookup=f"{lookup_acc:.2f}")
-            log.append({"stage": "lm", "step": step, "loss": out.loss.item(), "seconds": time.time() - t_start})
+            bar.set_postfix(
+                loss=f"{out.loss.item():.3f}",
+                lookup=f"{lookup_acc:.2f}",
+                route=f"{route_mass:.2f}",
+                gather=f"{gather_acc:.2f}",
+            )
+            log.append(
+                {
+                    "stage": "lm",
+                    "step": step,
+                    "loss": out.loss.item(),
+                    "train_lookup_acc": lookup_acc,
+                    "route_mass": route_mass if route_w > 0 else None,
+                    "gather_acc": gather_acc if route_w > 0 and args.gather_loss > 0 else None,
+                    "seconds": time.time() - t_start,
+                }
+            )
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             acc, per_kind = evaluate(model, tok, "val", args.eval_samples, args.seed, image_token_id, n_image)
             log.append(
