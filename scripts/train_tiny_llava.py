@@ -313,16 +313,35 @@ def named_cells(sample) -> tuple[tuple[int, int], tuple[int, int]]:
     return sample.cells[0], sample.cells[-1]
 
 
+def count_digit(sample) -> int:
+    """The digit a ``how many D ?`` question asks about."""
+    return int(sample.question.split()[2])
+
+
 def routing_loss(
-    attn: torch.Tensor, batch, ids: torch.Tensor, lab: torch.Tensor, image_token_id: int
+    attn: torch.Tensor, batch, ids: torch.Tensor, lab: torch.Tensor, image_token_id: int, count: bool = False
 ) -> tuple[torch.Tensor, float]:
     """Mean over lookup and compare samples of -log(attention mass on a named cell's image tokens),
     taken at the position that predicts the answer: the first half of the heads on the first named
     cell, the second half on the last (both on the one cell of a lookup). attn: (B, H, T, T) one
-    layer's weights. Returns the loss and the mean mass (for the progress bar)."""
+    layer's weights. Returns the loss and the mean mass (for the progress bar).
+
+    With ``count``, a count question adds -log(mass on its matching cells' tokens plus the first
+    token), all heads: look only at cells holding the digit, with the first token as the sink whose
+    share tells how many matched (all of it when none does)."""
     terms, masses = [], []
     half = attn.shape[1] // 2
     for b, item in enumerate(batch):
+        if count and not isinstance(item, tuple) and item.kind == "count":
+            q = int((lab[b] != -100).nonzero().flatten()[1]) - 1
+            img = (ids[b] == image_token_id).nonzero().flatten()
+            hit = torch.zeros(len(img), dtype=torch.bool)
+            for cell in item.cells:
+                hit |= (PATCH_CELLS == torch.tensor(cell)).all(-1)
+            target = torch.cat([torch.tensor([0]), img[hit]])
+            mass = attn[b, :, q, target].sum(-1).mean()
+            terms.append(-torch.log(mass + 1e-6))
+            continue
         if isinstance(item, tuple) or item.kind not in ROUTED_KINDS:
             continue
         q = int((lab[b] != -100).nonzero().flatten()[1]) - 1
@@ -338,26 +357,43 @@ def routing_loss(
     return torch.stack(terms).mean(), sum(masses) / len(masses)
 
 
-def gather_loss(hidden: torch.Tensor, probe: torch.nn.Module, batch, lab: torch.Tensor) -> tuple[torch.Tensor, float]:
+def gather_loss(
+    hidden: torch.Tensor, probe: torch.nn.Module, batch, lab: torch.Tensor, count: bool = False
+) -> tuple[torch.Tensor, float]:
     """Cross-entropy of a training-only linear probe that reads the named cells' rows and columns
     (first and last named cell, see :func:`named_cells`) from the residual stream at the answer
     position, entering the routed layer. hidden: (B, T, H). It teaches the first hop (gather
     ``row R col C`` into the answer position) directly, so the routing loss has a query to shape.
-    Returns the loss and the probe's accuracy (all four axes right)."""
-    targets, feats = [], []
+    With ``count``, the probe's last 10 outputs must also read the digit a count question asks
+    about. Returns the loss and the probe's accuracy (every read right)."""
+    targets, feats, digits, count_feats = [], [], [], []
     for b, item in enumerate(batch):
-        if isinstance(item, tuple) or item.kind not in ROUTED_KINDS:
+        if isinstance(item, tuple):
             continue
         q = int((lab[b] != -100).nonzero().flatten()[1]) - 1
-        feats.append(hidden[b, q])
-        first, last = named_cells(item)
-        targets.append([*first, *last])
-    if not feats:
+        if item.kind in ROUTED_KINDS:
+            feats.append(hidden[b, q])
+            first, last = named_cells(item)
+            targets.append([*first, *last])
+        elif count and item.kind == "count":
+            count_feats.append(hidden[b, q])
+            digits.append(count_digit(item))
+    losses, right, n = [], 0.0, 0
+    if feats:
+        logits = probe(torch.stack(feats))[:, :16].reshape(len(feats), 4, 4)  # (N, row|col of first|last, 4)
+        target = torch.tensor(targets)  # (N, 4)
+        losses.append(F.cross_entropy(logits.flatten(0, 1), target.flatten()))
+        right += float((logits.argmax(-1) == target).all(-1).float().sum())
+        n += len(feats)
+    if count_feats:
+        logits = probe(torch.stack(count_feats))[:, 16:26]  # (N, 10)
+        target = torch.tensor(digits)
+        losses.append(F.cross_entropy(logits, target))
+        right += float((logits.argmax(-1) == target).float().sum())
+        n += len(count_feats)
+    if not losses:
         return hidden.new_zeros(()), float("nan")
-    logits = probe(torch.stack(feats)).view(len(feats), 4, 4)  # (N, row|col of first|last, 4)
-    target = torch.tensor(targets)  # (N, 4)
-    acc = float((logits.argmax(-1) == target).all(-1).float().mean())
-    return F.cross_entropy(logits.flatten(0, 1), target.flatten()), acc
+    return torch.stack(losses).mean(), right / n
 
 
 def curriculum_mix(step, args):
@@ -465,6 +501,12 @@ def main() -> None:
         help="weight of a training-only probe loss: the asked row and column must be linearly readable at "
         "the answer position entering --route-layer (teaches the first hop); follows --route-loss's schedule",
     )
+    p.add_argument(
+        "--count-aid",
+        action="store_true",
+        help="extend both aids to count questions: the probe reads the asked digit, and the routed layer's "
+        "attention stays on the matching cells plus the first token (the sink)",
+    )
     p.add_argument("--route-layer", type=int, default=2, help="decoder layer whose attention --route-loss shapes")
     p.add_argument("--eval-samples", type=int, default=256)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -522,7 +564,8 @@ def main() -> None:
 
     projector_params = list(model.model.multi_modal_projector.parameters())
     lm_params = list(model.model.language_model.parameters()) + list(model.lm_head.parameters())
-    probe = torch.nn.Linear(args.hidden, 16)  # training-only (--gather-loss); not part of the model
+    # training-only (--gather-loss), not part of the model: rows, columns (16) and, with --count-aid, the digit (10)
+    probe = torch.nn.Linear(args.hidden, 26 if args.count_aid else 16)
     lm_params += list(probe.parameters())
     opt = torch.optim.AdamW(
         [{"params": projector_params, "lr": args.projector_lr}, {"params": lm_params, "lr": args.lr}],
@@ -580,12 +623,14 @@ def main() -> None:
             hold = min(args.route_hold, args.route_steps)
             route_w = args.route_loss * min(1.0, max(0.0, (args.route_steps - step) / max(1, args.route_steps - hold)))
         if route_w > 0:
-            r_loss, r_mass = routing_loss(out.attentions[args.route_layer], batch, ids, lab, image_token_id)
+            r_loss, r_mass = routing_loss(
+                out.attentions[args.route_layer], batch, ids, lab, image_token_id, count=args.count_aid
+            )
             loss = loss + route_w * r_loss
             if not math.isnan(r_mass):
                 route_mass = 0.9 * route_mass + 0.1 * r_mass
         if route_w > 0 and args.gather_loss > 0:
-            g_loss, g_acc = gather_loss(out.hidden_states[args.route_layer], probe, batch, lab)
+            g_loss, g_acc = gather_loss(out.hidden_states[args.route_layer], probe, batch, lab, count=args.count_aid)
             loss = loss + route_w / args.route_loss * args.gather_loss * g_loss
             if not math.isnan(g_acc):
                 gather_acc = 0.9 * gather_acc + 0.1 * g_acc
