@@ -21,7 +21,8 @@ Recipe (deterministic from --seed):
    routing forms in ~300 steps and the digit readout through it ~200 steps later.
    Tried and not kept (docs/fidelity.md): distractor fading (``--isolate-steps``), a short image
    of 16 cell-mean tokens (``--pooled-until``), single-axis questions (``--axis-questions``), and
-   the routing loss without the gather probe.
+   the routing loss without the gather probe. ``--count-aid`` (the aids extended to count
+   questions) did not move count accuracy off its prior within 550 steps (run K, stopped early).
 3. Validation accuracy (greedy, full cache) on the val split; the checkpoint, tokenizer and
    processor are saved in standard HF format (safetensors) to --out, with training_log.json.
 
