@@ -1,5 +1,5 @@
-"""Which prompt positions each method keeps on `digits` lookups: per layer, the kept count, the
-share of the asked cell's 16 image tokens kept, and the share of the question's tokens kept.
+"""Which prompt positions each method keeps on `digits` questions: per layer, the kept count, the
+share of the (first) named cell's 16 image tokens kept, and the share of the question's tokens kept.
 
     .venv/bin/python scripts/fidelity_kept.py --budget 0.1 --methods vlcache,vlcache-uniform,snapkv
 
@@ -23,6 +23,7 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=0.1)
     p.add_argument("--methods", default="vlcache,vlcache-uniform,snapkv,h2o,tgvkv,random")
     p.add_argument("--samples", type=int, default=40)
+    p.add_argument("--kind", choices=("lookup", "compare"), default="lookup", help="question kind")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
@@ -37,7 +38,7 @@ def main() -> None:
     path = resolve_model(args.model)
     model = LlavaForConditionalGeneration.from_pretrained(path).eval()
     processor = AutoProcessor.from_pretrained(path)
-    scenes = list(DigitScenes("test", seed=args.seed, mix={"lookup": 1.0}).take(args.samples))
+    scenes = list(DigitScenes("test", seed=args.seed, mix={args.kind: 1.0}).take(args.samples))
     patch = model.config.vision_config.patch_size
     report = []
     for method in args.methods.split(","):
