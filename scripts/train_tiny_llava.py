@@ -333,23 +333,23 @@ def routing_loss(
     terms, masses = [], []
     half = attn.shape[1] // 2
     for b, item in enumerate(batch):
-        if count and not isinstance(item, tuple) and item.kind == "count":
-            q = int((lab[b] != -100).nonzero().flatten()[1]) - 1
-            img = (ids[b] == image_token_id).nonzero().flatten()
-            hit = torch.zeros(len(img), dtype=torch.bool)
-            for cell in item.cells:
-                hit |= (PATCH_CELLS == torch.tensor(cell)).all(-1)
-            target = torch.cat([torch.tensor([0]), img[hit]])
-            mass = attn[b, :, q, target].sum(-1).mean()
-            terms.append(-torch.log(mass + 1e-6))
-            continue
-        if isinstance(item, tuple) or item.kind not in ROUTED_KINDS:
+        counted = count and not isinstance(item, tuple) and item.kind == "count"
+        if not counted and (isinstance(item, tuple) or item.kind not in ROUTED_KINDS):
             continue
         q = int((lab[b] != -100).nonzero().flatten()[1]) - 1
         img = (ids[b] == image_token_id).nonzero().flatten()
         cells = PATCH_CELLS if len(img) == len(PATCH_CELLS) else POOLED_CELLS
-        for heads, cell in zip((slice(0, half), slice(half, None)), named_cells(item)):
-            target = img[(cells == torch.tensor(cell)).all(-1)]
+        if counted:  # (all heads, matching cells + the first token)
+            hit = torch.zeros(len(img), dtype=torch.bool)
+            for cell in item.cells:
+                hit |= (cells == torch.tensor(cell)).all(-1)
+            groups = [(slice(None), torch.cat([torch.tensor([0]), img[hit]]))]
+        else:
+            groups = [
+                (heads, img[(cells == torch.tensor(cell)).all(-1)])
+                for heads, cell in zip((slice(0, half), slice(half, None)), named_cells(item))
+            ]
+        for heads, target in groups:
             mass = attn[b, heads, q, target].sum(-1).mean()
             terms.append(-torch.log(mass + 1e-6))
             masses.append(float(mass.detach()))
@@ -500,7 +500,8 @@ def main() -> None:
         type=float,
         default=0.0,
         help="weight of a training-only probe loss: the asked row and column must be linearly readable at "
-        "the answer position entering --route-layer (teaches the first hop); follows --route-loss's schedule",
+        "the answer position entering --route-layer (teaches the first hop); same schedule as --route-loss "
+        "(--route-hold, --route-steps)",
     )
     p.add_argument(
         "--count-aid",
@@ -619,20 +620,20 @@ def main() -> None:
             output_hidden_states=step < args.route_steps and args.gather_loss > 0,
         )
         loss = out.loss
-        route_w = 0.0
-        if args.route_steps:  # a curriculum aid: full weight for --route-hold steps, then a linear fade
+        aid = 0.0  # the aids' schedule: 1 for --route-hold steps, then a linear fade to 0 at --route-steps
+        if args.route_steps:
             hold = min(args.route_hold, args.route_steps)
-            route_w = args.route_loss * min(1.0, max(0.0, (args.route_steps - step) / max(1, args.route_steps - hold)))
-        if route_w > 0:
+            aid = min(1.0, max(0.0, (args.route_steps - step) / max(1, args.route_steps - hold)))
+        if aid > 0 and args.route_loss > 0:
             r_loss, r_mass = routing_loss(
                 out.attentions[args.route_layer], batch, ids, lab, image_token_id, count=args.count_aid
             )
-            loss = loss + route_w * r_loss
+            loss = loss + aid * args.route_loss * r_loss
             if not math.isnan(r_mass):
                 route_mass = 0.9 * route_mass + 0.1 * r_mass
-        if route_w > 0 and args.gather_loss > 0:
+        if aid > 0 and args.gather_loss > 0:
             g_loss, g_acc = gather_loss(out.hidden_states[args.route_layer], probe, batch, lab, count=args.count_aid)
-            loss = loss + route_w / args.route_loss * args.gather_loss * g_loss
+            loss = loss + aid * args.gather_loss * g_loss
             if not math.isnan(g_acc):
                 gather_acc = 0.9 * gather_acc + 0.1 * g_acc
         with torch.no_grad():  # running accuracy of the answer token on lookup questions
@@ -661,8 +662,8 @@ def main() -> None:
                     "step": step,
                     "loss": out.loss.item(),
                     "train_lookup_acc": lookup_acc,
-                    "route_mass": route_mass if route_w > 0 else None,
-                    "gather_acc": gather_acc if route_w > 0 and args.gather_loss > 0 else None,
+                    "route_mass": route_mass if aid > 0 and args.route_loss > 0 else None,
+                    "gather_acc": gather_acc if aid > 0 and args.gather_loss > 0 else None,
                     "seconds": time.time() - t_start,
                 }
             )
