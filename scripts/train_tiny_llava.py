@@ -533,6 +533,12 @@ def main() -> None:
     )
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--vision-from", type=Path, default=None, help="reuse the vision tower of this checkpoint")
+    p.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="start stage 2 from every weight of this checkpoint (continue a run; overrides --vision-from)",
+    )
     p.add_argument("--constant-frac", type=float, default=0.0, help="fraction of steps at full LR before cosine decay")
     p.add_argument(
         "--isolate-steps",
@@ -610,12 +616,16 @@ def main() -> None:
     print(f"llava-tiny: {n_params / 1e6:.2f}M parameters, {n_image} image tokens")
     log: list[dict] = []
     model.train()
-    if args.vision_from:
+    if args.init_from or args.vision_from:
         from transformers import LlavaForConditionalGeneration
 
-        donor = LlavaForConditionalGeneration.from_pretrained(args.vision_from)
-        model.model.vision_tower.load_state_dict(donor.model.vision_tower.state_dict())
-        print(f"vision tower taken from {args.vision_from} (no vision pretraining)")
+        donor = LlavaForConditionalGeneration.from_pretrained(args.init_from or args.vision_from)
+        if args.init_from:  # continue training a whole checkpoint (stage 2 only)
+            model.load_state_dict(donor.state_dict())
+            print(f"all weights taken from {args.init_from} (no vision pretraining)")
+        else:
+            model.model.vision_tower.load_state_dict(donor.model.vision_tower.state_dict())
+            print(f"vision tower taken from {args.vision_from} (no vision pretraining)")
         del donor
     else:
         pretrain_vision(model, args, log)
