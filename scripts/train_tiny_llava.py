@@ -331,8 +331,22 @@ def count_digit(sample) -> int:
     return int(sample.question.split()[2])
 
 
+def aid_position(lab: torch.Tensor, b: int, at: str = "answer") -> int:
+    """Where the aids act in sample ``b``: ``answer``, the ``=`` position that predicts the answer
+    token (a decode step, which no compression method observes at prefill), or ``prompt``, the
+    prompt's last token ``?`` (inside the post-vision window that VL-Cache and SnapKV score)."""
+    pos = (lab[b] != -100).nonzero().flatten()
+    return int(pos[1]) - 1 if at == "answer" else int(pos[0]) - 1
+
+
 def routing_loss(
-    attn: torch.Tensor, batch, ids: torch.Tensor, lab: torch.Tensor, image_token_id: int, count: bool = False
+    attn: torch.Tensor,
+    batch,
+    ids: torch.Tensor,
+    lab: torch.Tensor,
+    image_token_id: int,
+    count: bool = False,
+    at: str = "answer",
 ) -> tuple[torch.Tensor, float]:
     """Mean over lookup and compare samples of -log(attention mass on a named cell's image tokens),
     taken at the position that predicts the answer: the first half of the heads on the first named
@@ -349,7 +363,7 @@ def routing_loss(
         counted = count and not isinstance(item, tuple) and item.kind == "count"
         if not counted and (isinstance(item, tuple) or item.kind not in ROUTED_KINDS):
             continue
-        q = int((lab[b] != -100).nonzero().flatten()[1]) - 1
+        q = aid_position(lab, b, at)
         img = (ids[b] == image_token_id).nonzero().flatten()
         cells = PATCH_CELLS if len(img) == len(PATCH_CELLS) else POOLED_CELLS
         if counted:  # all heads: sink weight 1 / (1 + count), each matching cell the same
@@ -379,7 +393,7 @@ def routing_loss(
 
 
 def gather_loss(
-    hidden: torch.Tensor, probe: torch.nn.Module, batch, lab: torch.Tensor, count: bool = False
+    hidden: torch.Tensor, probe: torch.nn.Module, batch, lab: torch.Tensor, count: bool = False, at: str = "answer"
 ) -> tuple[torch.Tensor, float]:
     """Cross-entropy of a training-only linear probe that reads the named cells' rows and columns
     (first and last named cell, see :func:`named_cells`) from the residual stream at the answer
@@ -391,7 +405,7 @@ def gather_loss(
     for b, item in enumerate(batch):
         if isinstance(item, tuple):
             continue
-        q = int((lab[b] != -100).nonzero().flatten()[1]) - 1
+        q = aid_position(lab, b, at)
         if item.kind in ROUTED_KINDS:
             feats.append(hidden[b, q])
             first, last = named_cells(item)
@@ -418,7 +432,7 @@ def gather_loss(
 
 
 def readout_loss(
-    hidden: torch.Tensor, probe: torch.nn.Module, batch, lab: torch.Tensor, count: bool = False
+    hidden: torch.Tensor, probe: torch.nn.Module, batch, lab: torch.Tensor, count: bool = False, at: str = "answer"
 ) -> tuple[torch.Tensor, float]:
     """Cross-entropy of a training-only linear probe that reads, from the residual stream at the
     answer position leaving the routed layer, the digits in the first and last named cells (lookup
@@ -428,7 +442,7 @@ def readout_loss(
     for b, item in enumerate(batch):
         if isinstance(item, tuple):
             continue
-        q = int((lab[b] != -100).nonzero().flatten()[1]) - 1
+        q = aid_position(lab, b, at)
         if item.kind in ROUTED_KINDS:
             first, last = named_cells(item)
             feats.append(hidden[b, q])
@@ -597,6 +611,13 @@ def main() -> None:
         help="weight of a training-only probe loss: the named cells' digits (and, with --count-aid, the "
         "count) must be linearly readable at the answer position leaving --route-layer; same schedule",
     )
+    p.add_argument(
+        "--aid-at",
+        choices=("answer", "prompt"),
+        default="answer",
+        help="position the aids act at: the answer position '=' (a decode step; the shipped model), or the "
+        "prompt's last token '?', which prompt-attention scorers see at prefill (a model for testing their premise)",
+    )
     p.add_argument("--route-layer", type=int, default=2, help="decoder layer whose attention --route-loss shapes")
     p.add_argument("--eval-samples", type=int, default=256)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -721,19 +742,21 @@ def main() -> None:
             aid = min(1.0, max(0.0, (args.route_steps - step) / max(1, args.route_steps - hold)))
         if aid > 0 and args.route_loss > 0:
             r_loss, r_mass = routing_loss(
-                out.attentions[args.route_layer], batch, ids, lab, image_token_id, count=args.count_aid
+                out.attentions[args.route_layer], batch, ids, lab, image_token_id, count=args.count_aid, at=args.aid_at
             )
             loss = loss + aid * args.route_loss * r_loss
             if not math.isnan(r_mass):
                 route_mass = 0.9 * route_mass + 0.1 * r_mass
         if aid > 0 and args.gather_loss > 0:
-            g_loss, g_acc = gather_loss(out.hidden_states[args.route_layer], probe, batch, lab, count=args.count_aid)
+            g_loss, g_acc = gather_loss(
+                out.hidden_states[args.route_layer], probe, batch, lab, count=args.count_aid, at=args.aid_at
+            )
             loss = loss + aid * args.gather_loss * g_loss
             if not math.isnan(g_acc):
                 gather_acc = 0.9 * gather_acc + 0.1 * g_acc
         if aid > 0 and args.readout_loss > 0:
             o_loss, o_acc = readout_loss(
-                out.hidden_states[args.route_layer + 1], reader, batch, lab, count=args.count_aid
+                out.hidden_states[args.route_layer + 1], reader, batch, lab, count=args.count_aid, at=args.aid_at
             )
             loss = loss + aid * args.readout_loss * o_loss
             if not math.isnan(o_acc):
