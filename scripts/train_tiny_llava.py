@@ -401,34 +401,17 @@ def gather_loss(
     ``row R col C`` into the answer position) directly, so the routing loss has a query to shape.
     With ``count``, the probe's last 10 outputs must also read the digit a count question asks
     about. Returns the loss and the probe's accuracy (every read right)."""
-    targets, feats, digits, count_feats = [], [], [], []
-    for b, item in enumerate(batch):
-        if isinstance(item, tuple):
-            continue
-        q = aid_position(lab, b, at)
-        if item.kind in ROUTED_KINDS:
-            feats.append(hidden[b, q])
-            first, last = named_cells(item)
-            targets.append([*first, *last])
-        elif count and item.kind == "count":
-            count_feats.append(hidden[b, q])
-            digits.append(count_digit(item))
-    losses, right, n = [], 0.0, 0
-    if feats:
-        logits = probe(torch.stack(feats))[:, :16].reshape(len(feats), 4, 4)  # (N, row|col of first|last, 4)
-        target = torch.tensor(targets)  # (N, 4)
-        losses.append(F.cross_entropy(logits.flatten(0, 1), target.flatten()))
-        right += float((logits.argmax(-1) == target).all(-1).float().sum())
-        n += len(feats)
-    if count_feats:
-        logits = probe(torch.stack(count_feats))[:, 16:26]  # (N, 10)
-        target = torch.tensor(digits)
-        losses.append(F.cross_entropy(logits, target))
-        right += float((logits.argmax(-1) == target).float().sum())
-        n += len(count_feats)
-    if not losses:
-        return hidden.new_zeros(()), float("nan")
-    return torch.stack(losses).mean(), right / n
+    return _probe_loss(
+        hidden,
+        probe,
+        batch,
+        lab,
+        at,
+        routed=lambda item: [*named_cells(item)[0], *named_cells(item)[1]],
+        routed_heads=(4, 4),
+        counted=count_digit if count else None,
+        count_slice=slice(16, 26),
+    )
 
 
 def readout_loss(
@@ -438,28 +421,46 @@ def readout_loss(
     answer position leaving the routed layer, the digits in the first and last named cells (lookup
     and compare) and, with ``count``, the count (0-16) of a count question: the routed layer's
     output must carry what it attended to. hidden: (B, T, H). Returns the loss and the accuracy."""
-    feats, targets, count_feats, counts = [], [], [], []
+    return _probe_loss(
+        hidden,
+        probe,
+        batch,
+        lab,
+        at,
+        routed=lambda item: [int(item.grid[cell]) for cell in named_cells(item)],
+        routed_heads=(2, 10),
+        counted=(lambda item: len(item.cells)) if count else None,
+        count_slice=slice(20, 37),
+    )
+
+
+def _probe_loss(hidden, probe, batch, lab, at, routed, routed_heads, counted, count_slice):
+    """Shared by the probes: cross-entropy of ``probe`` at each single question's aid position.
+    Lookup and compare questions read ``routed(item)`` from the first ``k * classes`` outputs
+    (``routed_heads = (k, classes)``); count questions, when ``counted`` is given, read
+    ``counted(item)`` from ``count_slice``. Returns the mean loss and the accuracy (all reads right)."""
+    feats, targets, count_feats, count_targets = [], [], [], []
     for b, item in enumerate(batch):
         if isinstance(item, tuple):
             continue
         q = aid_position(lab, b, at)
         if item.kind in ROUTED_KINDS:
-            first, last = named_cells(item)
             feats.append(hidden[b, q])
-            targets.append([int(item.grid[first]), int(item.grid[last])])
-        elif count and item.kind == "count":
+            targets.append(routed(item))
+        elif counted is not None and item.kind == "count":
             count_feats.append(hidden[b, q])
-            counts.append(len(item.cells))
+            count_targets.append(counted(item))
+    k, classes = routed_heads
     losses, right, n = [], 0.0, 0
     if feats:
-        logits = probe(torch.stack(feats))[:, :20].reshape(len(feats), 2, 10)
-        target = torch.tensor(targets)  # (N, 2)
+        logits = probe(torch.stack(feats))[:, : k * classes].reshape(len(feats), k, classes)
+        target = torch.tensor(targets)  # (N, k)
         losses.append(F.cross_entropy(logits.flatten(0, 1), target.flatten()))
         right += float((logits.argmax(-1) == target).all(-1).float().sum())
         n += len(feats)
     if count_feats:
-        logits = probe(torch.stack(count_feats))[:, 20:37]  # (N, 17)
-        target = torch.tensor(counts)
+        logits = probe(torch.stack(count_feats))[:, count_slice]
+        target = torch.tensor(count_targets)
         losses.append(F.cross_entropy(logits, target))
         right += float((logits.argmax(-1) == target).float().sum())
         n += len(count_feats)
