@@ -331,12 +331,27 @@ def count_digit(sample) -> int:
     return int(sample.question.split()[2])
 
 
-def aid_position(lab: torch.Tensor, b: int, at: str = "answer") -> int:
-    """Where the aids act in sample ``b``: ``answer``, the ``=`` position that predicts the answer
-    token (a decode step, which no compression method observes at prefill), or ``prompt``, the
-    prompt's last token ``?`` (inside the post-vision window that VL-Cache and SnapKV score)."""
-    pos = (lab[b] != -100).nonzero().flatten()
-    return int(pos[1]) - 1 if at == "answer" else int(pos[0]) - 1
+def aid_position(lab: torch.Tensor, b: int, at: str = "answer", question: int = 0) -> int:
+    """Where the aids act in sample ``b`` for its ``question``-th question (1: a pair's follow-up):
+    ``answer``, the ``=`` position that predicts the answer token (a decode step, which no
+    compression method observes at prefill), or ``prompt``, the question's last token ``?`` (for the
+    first question, inside the post-vision window that VL-Cache and SnapKV score)."""
+    labelled = (lab[b] != -100).nonzero().flatten()
+    starts = labelled[torch.cat([torch.tensor([True]), labelled[1:] != labelled[:-1] + 1])]  # each `= A </s>`
+    start = int(starts[question])
+    return start if at == "answer" else start - 1
+
+
+def aid_sites(batch, lab: torch.Tensor, at: str, pairs: bool = False):
+    """(b, sample, position) for every question the aids act on: single questions, and with
+    ``pairs`` both questions of a follow-up pair (each at its own aid position)."""
+    for b, item in enumerate(batch):
+        if isinstance(item, tuple):
+            if pairs:
+                for k, sample in enumerate(item):
+                    yield b, sample, aid_position(lab, b, at, k)
+            continue
+        yield b, item, aid_position(lab, b, at)
 
 
 def routing_loss(
@@ -347,6 +362,7 @@ def routing_loss(
     image_token_id: int,
     count: bool = False,
     at: str = "answer",
+    pairs: bool = False,
 ) -> tuple[torch.Tensor, float]:
     """Mean over lookup and compare samples of -log(attention mass on a named cell's image tokens),
     taken at the position that predicts the answer: the first half of the heads on the first named
@@ -359,11 +375,10 @@ def routing_loss(
     says how many cells matched."""
     terms, masses = [], []
     half = attn.shape[1] // 2
-    for b, item in enumerate(batch):
-        counted = count and not isinstance(item, tuple) and item.kind == "count"
-        if not counted and (isinstance(item, tuple) or item.kind not in ROUTED_KINDS):
+    for b, item, q in aid_sites(batch, lab, at, pairs):
+        counted = count and item.kind == "count"
+        if not counted and item.kind not in ROUTED_KINDS:
             continue
-        q = aid_position(lab, b, at)
         img = (ids[b] == image_token_id).nonzero().flatten()
         cells = PATCH_CELLS if len(img) == len(PATCH_CELLS) else POOLED_CELLS
         if counted:  # all heads: sink weight 1 / (1 + count), each matching cell the same
@@ -393,7 +408,13 @@ def routing_loss(
 
 
 def gather_loss(
-    hidden: torch.Tensor, probe: torch.nn.Module, batch, lab: torch.Tensor, count: bool = False, at: str = "answer"
+    hidden: torch.Tensor,
+    probe: torch.nn.Module,
+    batch,
+    lab: torch.Tensor,
+    count: bool = False,
+    at: str = "answer",
+    pairs: bool = False,
 ) -> tuple[torch.Tensor, float]:
     """Cross-entropy of a training-only linear probe that reads the named cells' rows and columns
     (first and last named cell, see :func:`named_cells`) from the residual stream at the answer
@@ -411,11 +432,18 @@ def gather_loss(
         routed_heads=(4, 4),
         counted=count_digit if count else None,
         count_slice=slice(16, 26),
+        pairs=pairs,
     )
 
 
 def readout_loss(
-    hidden: torch.Tensor, probe: torch.nn.Module, batch, lab: torch.Tensor, count: bool = False, at: str = "answer"
+    hidden: torch.Tensor,
+    probe: torch.nn.Module,
+    batch,
+    lab: torch.Tensor,
+    count: bool = False,
+    at: str = "answer",
+    pairs: bool = False,
 ) -> tuple[torch.Tensor, float]:
     """Cross-entropy of a training-only linear probe that reads, from the residual stream at the
     answer position leaving the routed layer, the digits in the first and last named cells (lookup
@@ -431,19 +459,17 @@ def readout_loss(
         routed_heads=(2, 10),
         counted=(lambda item: len(item.cells)) if count else None,
         count_slice=slice(20, 37),
+        pairs=pairs,
     )
 
 
-def _probe_loss(hidden, probe, batch, lab, at, routed, routed_heads, counted, count_slice):
+def _probe_loss(hidden, probe, batch, lab, at, routed, routed_heads, counted, count_slice, pairs=False):
     """Shared by the probes: cross-entropy of ``probe`` at each single question's aid position.
     Lookup and compare questions read ``routed(item)`` from the first ``k * classes`` outputs
     (``routed_heads = (k, classes)``); count questions, when ``counted`` is given, read
     ``counted(item)`` from ``count_slice``. Returns the mean loss and the accuracy (all reads right)."""
     feats, targets, count_feats, count_targets = [], [], [], []
-    for b, item in enumerate(batch):
-        if isinstance(item, tuple):
-            continue
-        q = aid_position(lab, b, at)
+    for b, item, q in aid_sites(batch, lab, at, pairs):
         if item.kind in ROUTED_KINDS:
             feats.append(hidden[b, q])
             targets.append(routed(item))
@@ -496,6 +522,9 @@ def evaluate(model, tokenizer, split, n, seed, image_token_id, n_image):
     per_kind = {k: sum(v) / len(v) for k, v in correct.items()}
     overall = sum(sum(v) for v in correct.values()) / sum(len(v) for v in correct.values())
     return overall, per_kind
+
+
+TRAINER_STATE = "trainer_state.pt"  # in OUT/checkpoint: what --resume needs beyond the weights
 
 
 def save(model, processor, out: Path) -> None:
@@ -619,6 +648,18 @@ def main() -> None:
         help="position the aids act at: the answer position '=' (a decode step; the shipped model), or the "
         "prompt's last token '?', which prompt-attention scorers see at prefill (a model for testing their premise)",
     )
+    p.add_argument(
+        "--pair-aids",
+        action="store_true",
+        help="the aids act on both questions of a follow-up pair too (each at its own aid position); "
+        "without it pairs get no aid and follow-up accuracy lags first questions",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a cut-short run from OUT/checkpoint (weights, optimiser, probes, step, random state); "
+        "same flags as the run being resumed",
+    )
     p.add_argument("--route-layer", type=int, default=2, help="decoder layer whose attention --route-loss shapes")
     p.add_argument("--eval-samples", type=int, default=256)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -639,6 +680,11 @@ def main() -> None:
     print(f"llava-tiny: {n_params / 1e6:.2f}M parameters, {n_image} image tokens")
     log: list[dict] = []
     model.train()
+    resume_dir = args.out / "checkpoint"
+    if args.resume:
+        if not (resume_dir / TRAINER_STATE).exists():
+            raise SystemExit(f"--resume: no {TRAINER_STATE} in {resume_dir}; nothing to resume")
+        args.init_from = resume_dir
     if args.init_from or args.vision_from:
         from transformers import LlavaForConditionalGeneration
 
@@ -694,7 +740,20 @@ def main() -> None:
     warmup = 100
     gen = torch.Generator().manual_seed(args.seed)
     lookup_acc, route_mass, gather_acc, readout_acc, decay_from = 0.0, 0.0, 0.0, 0.0, None
-    bar = tqdm(range(args.steps), desc="instruction tuning", mininterval=5)
+    first_step = 0
+    if args.resume:
+        state = torch.load(resume_dir / TRAINER_STATE, weights_only=False)
+        opt.load_state_dict(state["optimizer"])
+        probe.load_state_dict(state["probe"])
+        if args.readout_loss > 0:
+            reader.load_state_dict(state["reader"])
+        gen.set_state(state["generator"])
+        first_step, log = state["step"], state["log"]
+        lookup_acc, route_mass, gather_acc, readout_acc, decay_from = state["running"]
+        print(f"resumed from {resume_dir} at step {first_step}")
+    bar = tqdm(
+        range(first_step, args.steps), desc="instruction tuning", mininterval=5, initial=first_step, total=args.steps
+    )
     for step in bar:
         flat = int(args.constant_frac * args.steps)
         progress = max(0.0, (step - flat) / max(1, args.steps - flat))
@@ -743,21 +802,40 @@ def main() -> None:
             aid = min(1.0, max(0.0, (args.route_steps - step) / max(1, args.route_steps - hold)))
         if aid > 0 and args.route_loss > 0:
             r_loss, r_mass = routing_loss(
-                out.attentions[args.route_layer], batch, ids, lab, image_token_id, count=args.count_aid, at=args.aid_at
+                out.attentions[args.route_layer],
+                batch,
+                ids,
+                lab,
+                image_token_id,
+                count=args.count_aid,
+                at=args.aid_at,
+                pairs=args.pair_aids,
             )
             loss = loss + aid * args.route_loss * r_loss
             if not math.isnan(r_mass):
                 route_mass = 0.9 * route_mass + 0.1 * r_mass
         if aid > 0 and args.gather_loss > 0:
             g_loss, g_acc = gather_loss(
-                out.hidden_states[args.route_layer], probe, batch, lab, count=args.count_aid, at=args.aid_at
+                out.hidden_states[args.route_layer],
+                probe,
+                batch,
+                lab,
+                count=args.count_aid,
+                at=args.aid_at,
+                pairs=args.pair_aids,
             )
             loss = loss + aid * args.gather_loss * g_loss
             if not math.isnan(g_acc):
                 gather_acc = 0.9 * gather_acc + 0.1 * g_acc
         if aid > 0 and args.readout_loss > 0:
             o_loss, o_acc = readout_loss(
-                out.hidden_states[args.route_layer + 1], reader, batch, lab, count=args.count_aid, at=args.aid_at
+                out.hidden_states[args.route_layer + 1],
+                reader,
+                batch,
+                lab,
+                count=args.count_aid,
+                at=args.aid_at,
+                pairs=args.pair_aids,
             )
             loss = loss + aid * args.readout_loss * o_loss
             if not math.isnan(o_acc):
@@ -809,7 +887,18 @@ def main() -> None:
             tqdm.write(
                 f"step {step + 1}: val accuracy {acc:.3f} {json.dumps({k: round(v, 3) for k, v in per_kind.items()})}"
             )
-            save(model, processor, args.out / "checkpoint")  # a usable model if the run is cut short
+            save(model, processor, resume_dir)  # a usable model, and what --resume needs, if the run is cut short
+            state = {
+                "step": step + 1,
+                "optimizer": opt.state_dict(),
+                "probe": probe.state_dict(),
+                "reader": reader.state_dict() if args.readout_loss > 0 else None,
+                "generator": gen.get_state(),
+                "log": log,
+                "running": (lookup_acc, route_mass, gather_acc, readout_acc, decay_from),
+            }
+            torch.save(state, resume_dir / (TRAINER_STATE + ".tmp"))
+            os.replace(resume_dir / (TRAINER_STATE + ".tmp"), resume_dir / TRAINER_STATE)
 
     acc, per_kind = evaluate(model, tok, "val", 1024, args.seed, image_token_id, n_image)
     print(f"final validation accuracy (1024 samples, full cache): {acc:.3f} {per_kind}")

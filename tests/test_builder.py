@@ -34,13 +34,15 @@ def artifact(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 
 def test_manifest_records_config_sources_and_files(artifact: Path, checkpoint: Path) -> None:
-    m = verify_artifact(artifact).raw
-    assert m["backend"] == "torch"
-    comp = CompressionConfig.from_dict(m["compression"])
+    manifest = verify_artifact(artifact)
+    build, m = manifest.build, manifest.raw
+    assert manifest.backend == build.backend == "torch"
+    comp = build.compression
     assert (comp.budget, comp.method, comp.per_head) == (0.05, "snapkv", False)
-    assert m["compression_hash"] == comp.compute_hash()
-    assert m["config_hash"] == BuildConfig.from_dict(m["build"]).compute_hash()
-    assert m["max_input_len"] == 300 and m["image_tokens"] == 256
+    assert m["config_hash"] == build.compute_hash() and m["build"] == build.to_dict()
+    assert build.max_input_len == 300 and m["image_tokens"] == 256
+    # the build config is the one source of its settings: no unchecked copies beside it
+    assert not {"backend", "compression", "compression_hash", "max_input_len", "max_batch_size"} & set(m)
     # every source file hashed, every artifact file listed with its real size
     assert set(m["model"]["files"]) == {p.name for p in checkpoint.iterdir() if p.is_file()}
     listed = set(m["files"])
@@ -80,7 +82,7 @@ def test_verify_refuses_other_versions_and_edited_config(artifact: Path, tmp_pat
     verify_artifact(art, check_versions=False)
     m["build"]["compression"]["budget"] = 0.5
     (art / MANIFEST).write_text(json.dumps(m))
-    with pytest.raises(ArtifactError, match="does not match the build config|differs from the build config"):
+    with pytest.raises(ArtifactError, match="config_hash does not match the build config"):
         verify_artifact(art, check_versions=False)
     (art / MANIFEST).unlink()
     with pytest.raises(ArtifactError, match="not a vlcache artifact"):
@@ -97,14 +99,18 @@ def test_existing_output_needs_force(artifact: Path, checkpoint: Path, capsys: p
     assert (artifact / MANIFEST).read_text() == before
 
 
+def _budget(artifact: Path) -> float:
+    return float(json.loads((artifact / MANIFEST).read_text())["build"]["compression"]["budget"])
+
+
 def test_force_replaces_and_failed_build_leaves_nothing(
     checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = tmp_path / "art"
     assert _build(checkpoint, out) == 0
-    first = json.loads((out / MANIFEST).read_text())
+    first = _budget(out)
     assert _build(checkpoint, out, "--force", "--budget", "0.2") == 0
-    assert json.loads((out / MANIFEST).read_text())["compression"]["budget"] == 0.2 != first["compression"]["budget"]
+    assert _budget(out) == 0.2 != first
 
     def boom(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
@@ -118,7 +124,7 @@ def test_force_replaces_and_failed_build_leaves_nothing(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]  # no .partial left behind
     with pytest.raises(SystemExit):
         _build(checkpoint, out, "--force", "--budget", "0.3")
-    assert json.loads((out / MANIFEST).read_text())["compression"]["budget"] == 0.2  # old artifact intact
+    assert _budget(out) == 0.2  # old artifact intact
 
 
 def test_dry_run_writes_nothing(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -128,6 +134,21 @@ def test_dry_run_writes_nothing(checkpoint: Path, tmp_path: Path, capsys: pytest
     assert plan["build"]["compression"]["budget"] == 0.3 and plan["build"]["backend"] == "torch"
     assert plan["config_hash"] == BuildConfig.from_dict(plan["build"]).compute_hash()
     assert not out.exists()
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_the_build_prints_the_stages_the_dry_run_lists(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], backend: str
+) -> None:
+    out = tmp_path / "art"
+    _ = capsys.readouterr()
+    assert _build(checkpoint, out, "--backend", backend, "--dry-run") == 0
+    planned = json.loads(capsys.readouterr().out)["stages"]
+    assert _build(checkpoint, out, "--backend", backend) == 0
+    printed = re.findall(r"^\[(\d+)/(\d+)\] (.+) \.\.\.$", capsys.readouterr().err, flags=re.MULTILINE)
+    n = str(len(planned))
+    assert printed == [(str(i), n, name) for i, name in enumerate(planned, start=1)]
+    assert any("triton repository" in name for name in planned) and (out / "triton" / "vlcache").is_dir()
 
 
 @pytest.mark.parametrize(

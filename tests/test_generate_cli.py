@@ -34,7 +34,7 @@ def _generate(artifact: Path, capsys: pytest.CaptureFixture[str], *extra: str) -
 
 def test_onnx_artifact_layout_and_manifest(artifacts: dict[str, Path]) -> None:
     m = verify_artifact(artifacts["onnx"])
-    assert m.backend == "onnx" and m.compression.budget == 0.1
+    assert m.backend == "onnx" and m.build.compression.budget == 0.1 and m.build.max_input_len == 300
     names = set(m.files)
     assert {"onnx/decoder.onnx", "onnx/vision.onnx", "onnx/export.json", "processor/tokenizer.json"} <= names
     assert "onnxruntime" in m.raw["versions"] and "onnx" in m.raw["versions"]
@@ -57,12 +57,31 @@ def test_onnx_generates_what_torch_generates(
     assert s_onnx["kv_bytes_after"] == pytest.approx(expected_after)
 
 
+def test_several_budgets_answer_side_by_side_like_single_runs(
+    artifacts: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    single = {b: _generate(artifacts["onnx"], capsys, "--budget", b) for b in ("1.0", "0.1")}
+    argv = [str(artifacts["onnx"]), "--image", "digits:3", "--prompt", PROMPT, "--max-tokens", "6"]
+    assert generate_main([*argv, "--budget", "1.0,0.1"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    runs = json.loads(out[-1])["runs"]
+    assert [r["budget"] for r in runs] == [1.0, 0.1]
+    for r, b in zip(runs, ("1.0", "0.1")):
+        text, stats = single[b]
+        assert r["text"].strip() == text.strip() and r["kept_per_layer"] == stats["kept_per_layer"]
+        assert r["kv_bytes_after"] == stats["kv_bytes_after"]
+    assert runs[0]["kv_bytes_after"] == runs[0]["kv_bytes_before"] > runs[1]["kv_bytes_after"]
+    table = "\n".join(out[:-1])
+    assert "[budget 1] " in table and "[budget 0.1] " in table and "of full" in table and "100.0%" in table
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (["--image", "/no/such.png"], "no such file"),
         (["--image", "digits:x"], "expected digits:N"),
         (["--budget", "1.5"], "budget"),
+        (["--budget", "1.0,x"], "'x' is not a number"),
         (["--method", "nope"], "unknown method 'nope'"),
         (["--max-tokens", "0"], "--max-tokens must be >= 1"),
         (["--prompt", "  "], "--prompt is empty"),

@@ -38,6 +38,7 @@ def test_available_lists_every_method():
         "full",
         "vlcache",
         "vlcache-uniform",
+        "vlcache-nowindow",
         "tgvkv",
         "snapkv",
         "h2o",
@@ -48,9 +49,12 @@ def test_available_lists_every_method():
 
 
 def test_vlcache_keeps_what_the_question_attends_to():
-    method, out, kept = run("vlcache", pattern, 3)
+    method, out, kept = run("vlcache-nowindow", pattern, 3)
     assert method.query_start(LAYOUT) == 10  # post-vision window only
     assert kept == {5, 8, 11}  # not key 1, which only the image rows attended to
+    # with the recent window (max(1, floor(0.1 · 4)) = 1 token) the last prompt token comes first
+    _, _, kept = run("vlcache", pattern, 4)
+    assert kept == {5, 8, 11, M - 1}
     # Peaked rows are sparse: low density.
     assert out.weight is not None and out.weight < 0.3
 
@@ -155,3 +159,57 @@ def test_full_does_not_compress():
     method = get_method(CompressionConfig(method="full"))
     assert method.compresses is False
     assert method.allocate([None, None], PromptLayout(7)).tolist() == [7, 7]
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.25, 0.5])
+def test_vlcache_recent_window_is_inside_the_budget_and_keeps_the_last_token(fraction):
+    """Layer l keeps its last max(1, floor(f·k)) prompt positions inside k, then the top rest by score."""
+    gen = torch.Generator().manual_seed(int(fraction * 1000))
+    m = 64
+    layout = PromptLayout(m, ((4, 40),))
+    method = get_method(CompressionConfig(method="vlcache", recent_fraction=fraction))
+    for k in (1, 3, 9, 10, 20, 64):
+        scores = torch.rand(2, 3, m, generator=gen)
+        scores[..., -12:] = -1.0  # the recent tokens score lowest: only the window can keep them
+        kept = method.select(scores, k, layout)
+        w = max(1, int(fraction * k + 1e-9))
+        assert kept.shape == (2, 3, k)
+        for row in kept.reshape(-1, k).tolist():
+            assert row == sorted(set(row))  # k distinct positions, original order
+            assert set(range(m - w, m)) <= set(row)  # the window, inside k
+            assert m - 1 in row  # the last prompt token, always
+            rest = [p for p in row if p < m - w]
+            assert len(rest) == k - w  # the rest is filled by score
+        # the rest is exactly the top k - w of the positions before the window
+        for b in range(2):
+            for h in range(3):
+                top = torch.topk(scores[b, h, : m - w], k - w).indices.sort().values.tolist()
+                assert kept[b, h, : k - w].tolist() == top
+
+
+def test_vlcache_without_window_is_algorithm_1():
+    """f = 0 (and the `vlcache-nowindow` ablation) select exactly the top-k by score, nothing forced."""
+    gen = torch.Generator().manual_seed(11)
+    m = 40
+    layout = PromptLayout(m, ((2, 30),))
+    scores = torch.rand(1, 2, m, generator=gen)
+    scores[..., -5:] = -1.0
+    zero = get_method(CompressionConfig(method="vlcache", recent_fraction=0.0))
+    ablation = get_method(CompressionConfig(method="vlcache-nowindow"))  # default f ignored
+    windowed = get_method(CompressionConfig(method="vlcache"))
+    for k in (1, 4, 12):
+        top = torch.topk(scores, k, dim=-1).indices.sort(dim=-1).values
+        assert torch.equal(zero.select(scores, k, layout), top)
+        assert torch.equal(ablation.select(scores, k, layout), top)
+        assert m - 1 not in top.flatten().tolist()
+        assert m - 1 in windowed.select(scores, k, layout).flatten().tolist()
+    # the ablation scores and allocates like vlcache
+    assert torch.equal(ablation.allocate([0.9, 0.2], layout), windowed.allocate([0.9, 0.2], layout))
+
+
+def test_recent_fraction_is_validated_and_hashed():
+    with pytest.raises(ValueError, match="recent_fraction"):
+        CompressionConfig(recent_fraction=1.0)
+    with pytest.raises(ValueError, match="recent_fraction"):
+        CompressionConfig(recent_fraction=-0.1)
+    assert CompressionConfig(recent_fraction=0.2).compute_hash() != CompressionConfig().compute_hash()

@@ -18,7 +18,7 @@ import vlcache
 from vlcache import CompressionConfig, VLCache
 from vlcache.core import allocate_budgets
 from vlcache.export import export_llava
-from vlcache.hf.tiny import IMAGE_TOKEN, llava_inputs
+from vlcache.hf.tiny import llava_inputs
 from vlcache.runtime import generate, load_runtime
 
 NEW_TOKENS = 10
@@ -76,10 +76,14 @@ def test_greedy_tokens_logits_and_stats_equal_torch(llava, runner, method, budge
         assert s.kv_bytes_after < s.kv_bytes_before
 
 
-def test_kept_indices_budgets_and_densities_equal_the_torch_session(llava, runner):
-    inputs = llava_inputs(llava, question_len=25, seed=7)
+@pytest.mark.parametrize(
+    ("method", "recent_fraction"),
+    [("vlcache", 0.1), ("vlcache", 0.3), ("vlcache-nowindow", 0.1), ("vlcache-uniform", 0.1)],
+)
+def test_kept_indices_budgets_and_densities_equal_the_torch_session(llava, runner, method, recent_fraction):
+    inputs = llava_inputs(llava, question_len=25, seed=int(torch.randint(0, 10_000, ())))
     m = inputs["input_ids"].shape[1]
-    cfg = CompressionConfig(method="vlcache", budget=0.1)
+    cfg = CompressionConfig(method=method, budget=0.1, recent_fraction=recent_fraction)
     session = VLCache(cfg)
     with session.apply(llava), torch.no_grad():
         llava.generate(**inputs, max_new_tokens=1, do_sample=False)
@@ -87,11 +91,17 @@ def test_kept_indices_budgets_and_densities_equal_the_torch_session(llava, runne
     assert session.stats is not None
     np.testing.assert_allclose(res.stats.layer_weights, session.stats.layer_weights, atol=1e-6)
     assert res.budgets is not None
-    assert torch.equal(res.budgets, allocate_budgets(session.stats.layer_weights, 0.1, m, cfg.min_keep(m)))
+    if method != "vlcache-uniform":
+        assert torch.equal(res.budgets, allocate_budgets(session.stats.layer_weights, 0.1, m, cfg.min_keep(m)))
     assert len(res.kept_indices) == len(session.kept_indices)
-    for ours, theirs in zip(res.kept_indices, session.kept_indices):
+    window = method != "vlcache-nowindow"
+    for ours, theirs, k in zip(res.kept_indices, session.kept_indices, res.budgets.tolist()):
         assert ours is not None and theirs is not None
         assert torch.equal(ours, theirs)
+        # the recent window is in both, inside the layer's budget
+        w = max(1, int(recent_fraction * k + 1e-9)) if window else 0
+        assert ours.shape[-1] == k
+        assert all(set(range(m - w, m)) <= set(row) for row in ours.reshape(-1, k).tolist())
 
 
 def test_stats_account_for_bytes_and_time(llava, runner):
@@ -164,8 +174,18 @@ def test_bad_inputs_raise_clear_value_errors(llava, runner, tmp_path):
         load_runtime(tmp_path)
     with pytest.raises(ValueError, match="backend"):
         load_runtime(tmp_path, backend="tensorflow")
-    text_only = generate(runner, torch.tensor([[1, 5, 7, 9]]), max_new_tokens=2, config=CompressionConfig(budget=0.5))
-    assert text_only.stats.image_tokens == 0 and IMAGE_TOKEN not in [1, 5, 7, 9]
+
+
+def test_text_only_prompt_runs_like_the_torch_session(llava, runner):
+    ids = torch.tensor([[1, 5, 7, 9]])
+    assert not (ids == runner.spec.image_token_id).any()  # premise: no image token in the prompt
+    cfg = CompressionConfig(budget=0.5)
+    text_only = generate(runner, ids, max_new_tokens=2, config=cfg)
+    ref = vlcache.generate(llava, {"input_ids": ids}, cfg, max_new_tokens=2)
+    assert text_only.stats.image_tokens == 0 and text_only.stats.prompt_tokens == 4
+    assert text_only.tokens == ref.new_tokens.tolist()
+    assert text_only.stats.kept_per_layer == ref.stats.kept_per_layer
+    assert sum(text_only.stats.kept_per_layer) == round(0.5 * 3 * 4)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")

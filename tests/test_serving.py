@@ -1,5 +1,6 @@
 """Serving logic without a server: request validation, the artifact contract, repository rendering,
-the torch engine's streaming against the offline path, and the client's statistics."""
+the torch engine's streaming against the offline path, the build settings engines load with (dtype,
+device), the Triton model's setup with a stand-in for Triton, and the client's statistics and errors."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.serving_helpers import make_torch_artifact
-from vlcache.artifact import ArtifactError, read_manifest
+from tests.serving_helpers import make_artifact
+from vlcache.artifact import FORMAT, MANIFEST, ArtifactError, file_table, read_manifest
 from vlcache.serving import protocol
 from vlcache.serving.repository import RenderError, render_repository, render_text
 from vlcache.serving.request import InvalidRequest, Limits, parse_request
@@ -82,7 +83,12 @@ def test_bad_requests_raise_invalid_argument(changes, message):
 # --- artifact and repository ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def artifact(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_torch_artifact(checkpoint, tmp_path_factory.mktemp("serving") / "artifact")
+    return make_artifact(checkpoint, tmp_path_factory.mktemp("serving") / "artifact")
+
+
+@pytest.fixture(scope="module")
+def onnx_artifact(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_artifact(checkpoint, tmp_path_factory.mktemp("serving-onnx") / "artifact", backend="onnx")
 
 
 def test_read_manifest_refuses_broken_artifacts(artifact: Path, tmp_path: Path):
@@ -90,22 +96,49 @@ def test_read_manifest_refuses_broken_artifacts(artifact: Path, tmp_path: Path):
     with pytest.raises(ArtifactError, match="has no manifest.json"):
         read_manifest(tmp_path)
     data = json.loads((artifact / "manifest.json").read_text())
-    for key, value, message in [
-        ("backend", "gguf", "unknown backend 'gguf'"),
-        ("format", 7, "unsupported format 7"),
-        ("max_input_len", 0, "'max_input_len' must be a positive integer"),
-        ("compression", {"budget": 2.0}, "bad 'compression'"),
+    build = data["build"]
+    for name, changes, message in [
+        ("format", {"format": 7}, f"artifact format 7, but this vlcache reads format {FORMAT}"),
+        ("nobuild", {"build": None}, "'build' must be an object"),
+        ("backend", {"build": {**build, "backend": "gguf"}}, "bad 'build': unknown backend 'gguf'"),
+        ("auto", {"build": {**build, "backend": "auto"}}, "unknown backend 'auto'; expected one of"),
+        ("length", {"build": {**build, "max_input_len": 0}}, "bad 'build': max_input_len must be >= 2"),
+        ("compression", {"build": {**build, "compression": {"budget": 2.0}}}, "bad 'build': budget"),
+        ("field", {"build": {**build, "colour": "red"}}, "bad 'build'"),
     ]:
-        broken = tmp_path / key
+        broken = tmp_path / name
         broken.mkdir()
         (broken / "processor").mkdir()
-        (broken / "manifest.json").write_text(json.dumps({**data, key: value}))
+        (broken / "manifest.json").write_text(json.dumps({**data, **changes}))
         with pytest.raises(ArtifactError, match=message):
             read_manifest(broken)
     (tmp_path / "nohf" / "processor").mkdir(parents=True)
     (tmp_path / "nohf" / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(ArtifactError, match="needs a HF checkpoint"):
         read_manifest(tmp_path / "nohf")
+
+
+def test_an_artifact_of_the_old_format_is_refused_with_rebuild(artifact: Path, tmp_path: Path, capsys):
+    """Format 1 repeated backend, compression, max_input_len and max_batch_size beside ``build``."""
+    import shutil
+
+    from vlcache.serving.engine import load_engine
+    from vlcache.serving.generate_cli import main as generate_main
+
+    old = tmp_path / "old"
+    shutil.copytree(artifact, old)
+    data = json.loads((old / MANIFEST).read_text())
+    assert not {"backend", "compression", "compression_hash", "max_input_len", "max_batch_size"} & set(data)
+    build = data["build"]
+    copies = {k: build[k] for k in ("backend", "compression", "max_input_len", "max_batch_size")}
+    (old / MANIFEST).write_text(json.dumps({**data, **copies, "format": 1}))
+    message = f"artifact format 1, but this vlcache reads format {FORMAT} .*rebuild it with vlcache-build"
+    with pytest.raises(ArtifactError, match=message):
+        load_engine(old, verify=False)
+    with pytest.raises(SystemExit) as e:
+        generate_main([str(old), "--image", "digits:0", "--prompt", "what is at row 0 col 1 ?"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "rebuild it with vlcache-build" in err and "\n" not in err
 
 
 def test_render_repository_fills_the_protocol_in(artifact: Path, tmp_path: Path):
@@ -185,6 +218,91 @@ def test_engine_refuses_long_prompts_and_stops_when_cancelled(engine):
     assert stats["finish_reason"] == "cancelled" and stats["output_tokens"] == 2
 
 
+# --- the build's settings: dtype and device --------------------------------------------------------
+def test_torch_engine_runs_in_the_build_dtype(engine, checkpoint: Path, tmp_path: Path):
+    import torch
+
+    from vlcache.serving.engine import TorchEngine, load_engine
+
+    half = load_engine(make_artifact(checkpoint, tmp_path / "fp16", extra=("--dtype", "float16")))
+    assert isinstance(half, TorchEngine) and half.manifest.build.dtype == "float16"
+    assert {p.dtype for p in half.loaded.model.parameters()} == {torch.float16}
+    sample = _scene()
+    stats = half.generate(sample.image, sample.question, max_tokens=2, budget=1.0)
+    full = engine.generate(sample.image, sample.question, max_tokens=2, budget=1.0)  # the float32 build
+    assert 2 * stats["kv_bytes_before"] == full["kv_bytes_before"] > 0  # 2-byte KV entries, not 4
+
+
+class _FakeTensorRTRunner:
+    """Stands in for TensorRTRunner (GPU only): records the device it is built for."""
+
+    devices: list[str] = []
+
+    def __init__(self, directory: Path, spec: object = None, *, device: str = "cuda") -> None:
+        self.spec = spec
+        _FakeTensorRTRunner.devices.append(device)
+
+
+def _as_tensorrt(onnx_artifact: Path, out: Path) -> Path:
+    """The onnx artifact relabelled as a tensorrt one (its export folder as engines/), re-hashed."""
+    import shutil
+
+    from vlcache.config import BuildConfig
+
+    shutil.copytree(onnx_artifact, out, ignore=shutil.ignore_patterns("triton"))
+    (out / "onnx").rename(out / "engines")
+    data = json.loads((out / MANIFEST).read_text())
+    build = BuildConfig.from_dict({**data["build"], "backend": "tensorrt"})
+    data.update(build=build.to_dict(), config_hash=build.compute_hash(), files=file_table(out))
+    (out / MANIFEST).write_text(json.dumps(data))
+    return out
+
+
+class _StandInTriton:
+    """The few triton_python_backend_utils names ServedModel.initialize uses."""
+
+    class Logger:
+        @staticmethod
+        def log_info(message: str) -> None:
+            pass
+
+    @staticmethod
+    def using_decoupled_model_transaction_policy(config: dict) -> bool:
+        return True
+
+
+def test_the_instance_device_reaches_the_tensorrt_runner(onnx_artifact: Path, tmp_path: Path, monkeypatch):
+    from vlcache.serving.engine import load_engine
+    from vlcache.serving.model import ServedModel
+
+    monkeypatch.setattr("vlcache.runtime.tensorrt_runner.TensorRTRunner", _FakeTensorRTRunner)
+    monkeypatch.setattr(_FakeTensorRTRunner, "devices", [])
+    trt = _as_tensorrt(onnx_artifact, tmp_path / "trt")
+    assert load_engine(trt).backend == "tensorrt"  # default: the current CUDA device
+
+    class Model(ServedModel):
+        pb_utils = _StandInTriton
+
+    params = {"artifact_dir": str(trt), "device": "cuda", "num_threads": "0"}
+    config = {"parameters": {k: {"string_value": v} for k, v in params.items()}}
+    model = Model()
+    model.initialize(
+        {"model_config": json.dumps(config), "model_repository": str(tmp_path), "model_instance_device_id": "1"}
+    )
+    assert model.engine.backend == "tensorrt"
+    assert _FakeTensorRTRunner.devices == ["cuda", "cuda:1"]  # the instance's GPU, as model.py computes it
+    with pytest.raises(ArtifactError, match="runs on a CUDA device .* not on 'cpu'"):
+        load_engine(trt, device="cpu")
+
+
+def test_onnx_engine_refuses_a_gpu_device(onnx_artifact: Path):
+    from vlcache.serving.engine import load_engine
+
+    assert load_engine(onnx_artifact, device="cpu").backend == "onnx"
+    with pytest.raises(ArtifactError, match=r"the onnx backend runs on the CPU \(ONNX Runtime\), not on 'cuda:0'"):
+        load_engine(onnx_artifact, device="cuda:0")
+
+
 # --- client statistics -----------------------------------------------------------------------------
 def test_summarize_percentiles_and_throughput():
     from vlcache.client import Generation
@@ -226,3 +344,12 @@ def test_serve_and_bench_report_user_mistakes_on_one_line(tmp_path: Path, capsys
     assert bench_main(["--url", f"127.0.0.1:{free_port()}", "--requests", "1", "--out", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("vlcache-bench: error: no ready vlcache model at")
+
+
+def test_server_error_class_for_unexpected_failures():
+    from vlcache.client import InvalidArgument, ServerError
+    from vlcache.client.client import server_error
+
+    assert isinstance(server_error("INVALID_ARGUMENT: input 'image' is empty"), InvalidArgument)
+    e = server_error("INTERNAL: RuntimeError: boom")
+    assert isinstance(e, ServerError) and not isinstance(e, InvalidArgument)

@@ -1,6 +1,7 @@
 """Against a real `tritonserver` (the nvidia-pytriton wheel's, CPU): streaming, budgets, load, bad
-inputs, cancellation. One server for the module (1 instance, 1 thread); a tiny random checkpoint in
-the bundled llava-tiny format served by the "torch" backend."""
+inputs, cancellation. A tiny random checkpoint in the bundled llava-tiny format, served by the
+"torch" backend (one server for the module, 1 instance, 1 thread) and, for streaming and budgets, by
+the "onnx" backend too (the default artifact: a second server, started for those tests)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.serving_helpers import make_torch_artifact
+from tests.serving_helpers import make_artifact
 from vlcache.serving import protocol
 from vlcache.serving.server import ServeError, TritonServer, find_tritonserver
 
@@ -23,31 +24,52 @@ try:
 except (ServeError, ImportError) as e:  # pragma: no cover - CI installs the serve extra
     pytest.skip(f"no Triton server to run: {e}", allow_module_level=True)
 
-from vlcache.client import AsyncClient, Client, InvalidArgument, ServerError  # noqa: E402
+from vlcache.client import AsyncClient, Client, InvalidArgument  # noqa: E402
 
 MAX_TOKENS_CAP = 32
 
 
-@pytest.fixture(scope="module")
-def artifact(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def _served_artifact(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory, backend: str) -> Path:
     from vlcache.serving import render_repository
 
-    path = make_torch_artifact(checkpoint, tmp_path_factory.mktemp("triton") / "artifact")
+    path = make_artifact(checkpoint, tmp_path_factory.mktemp(f"triton-{backend}") / "artifact", backend=backend)
     render_repository(path, num_threads=1, max_tokens_cap=MAX_TOKENS_CAP)
     return path
 
 
-@pytest.fixture(scope="module")
-def server(artifact: Path):
+def _serve(artifact: Path):
     with TritonServer(artifact / "triton", grpc_port=0, http_port=0, metrics_port=0, startup_timeout=180) as srv:
         yield srv
     srv.cleanup()
 
 
 @pytest.fixture(scope="module")
+def artifact(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _served_artifact(checkpoint, tmp_path_factory, "torch")
+
+
+@pytest.fixture(scope="module")
+def server(artifact: Path):
+    yield from _serve(artifact)
+
+
+@pytest.fixture(scope="module")
+def onnx_server(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
+    yield from _serve(_served_artifact(checkpoint, tmp_path_factory, "onnx"))
+
+
+@pytest.fixture(scope="module")
 def client(server: TritonServer):
     with Client(server.url, timeout=60) as c:
         yield c
+
+
+@pytest.fixture(scope="module", params=["torch", "onnx"])
+def backend_client(request: pytest.FixtureRequest):
+    """(backend, a client of the server of that backend's artifact)."""
+    served: TritonServer = request.getfixturevalue("server" if request.param == "torch" else "onnx_server")
+    with Client(served.url, timeout=60) as c:
+        yield request.param, c
 
 
 @pytest.fixture(scope="module")
@@ -69,20 +91,22 @@ def _offline_text(checkpoint: Path, sample, budget: float, max_tokens: int) -> s
     return str(loaded.tokenizer.decode(result.new_tokens.tolist(), skip_special_tokens=True))
 
 
-def test_stream_matches_the_offline_path(client: Client, checkpoint: Path, samples):
+def test_stream_matches_the_offline_path(backend_client: tuple[str, Client], checkpoint: Path, samples):
+    backend, client = backend_client
     sample = samples[0]
     pieces: list[str] = []
     g = client.generate(sample.image, sample.question, max_tokens=8, on_text=pieces.append)
     assert g.text == _offline_text(checkpoint, sample, budget=0.1, max_tokens=8)  # the build's budget
     assert g.responses >= 2 and "".join(pieces) == g.text  # streamed, not sent at once
-    assert set(g.stats) == set(protocol.STATS_KEYS) and g.stats["backend"] == "torch"
+    assert set(g.stats) == set(protocol.STATS_KEYS) and g.stats["backend"] == backend
     assert g.stats["budget"] == 0.1 and g.output_tokens == g.stats["output_tokens"] >= 1
     assert g.ttft is not None and 0 < g.ttft <= g.latency
     assert len(g.inter_token_latencies) == g.responses - 1
     assert g.stats["prefill_seconds"] > 0
 
 
-def test_per_request_budget_changes_the_kv_stats(client: Client, checkpoint: Path, samples):
+def test_per_request_budget_changes_the_kv_stats(backend_client: tuple[str, Client], checkpoint: Path, samples):
+    backend, client = backend_client
     sample = samples[1]
     runs = {b: client.generate(sample.image, sample.question, max_tokens=4, budget=b) for b in (1.0, 0.1, 0.05)}
     total = runs[1.0].stats["kv_tokens_total"]
@@ -93,6 +117,7 @@ def test_per_request_budget_changes_the_kv_stats(client: Client, checkpoint: Pat
     assert runs[1.0].text == _offline_text(checkpoint, sample, budget=1.0, max_tokens=4)
     full = client.generate(sample.image, sample.question, max_tokens=4, budget=0.1, method="full")
     assert full.stats["method"] == "full" and full.stats["kv_tokens_kept"] == total
+    assert {g.stats["backend"] for g in (*runs.values(), full)} == {backend}
 
 
 def test_load_200_streams_at_concurrency_16(server: TritonServer, samples):
@@ -246,11 +271,3 @@ def test_server_reports_a_model_that_cannot_load(artifact: Path, tmp_path: Path)
     assert "failed to load" in str(info.value)  # the log's tail comes with the error
     assert not server.running()
     server.cleanup()
-
-
-def test_server_error_class_for_unexpected_failures():
-    from vlcache.client.client import server_error
-
-    assert isinstance(server_error("INVALID_ARGUMENT: input 'image' is empty"), InvalidArgument)
-    e = server_error("INTERNAL: RuntimeError: boom")
-    assert isinstance(e, ServerError) and not isinstance(e, InvalidArgument)

@@ -10,13 +10,18 @@ Layout (one source of truth for these names)::
       hf/             backend "torch": a HF checkpoint folder (save_pretrained of model + processor)
       triton/         the rendered Triton model repository (:func:`vlcache.serving.render_repository`)
 
-``manifest.json``: ``format``; ``created``; ``backend``; ``build`` (the
-:class:`~vlcache.config.BuildConfig`) and ``config_hash``; ``compression`` (the default
-:class:`~vlcache.config.CompressionConfig` of served requests) and ``compression_hash``;
-``max_input_len`` / ``max_batch_size`` / ``image_tokens``; ``model`` (spec, source kind and folder,
-model type, sha256 of every source file; optional ``prompt_style``: ``auto`` | ``plain`` |
-``chat``); ``versions`` (vlcache, torch, transformers, onnx, onnxruntime, tensorrt as present);
-``files`` (every other file of the artifact: sha256 and size).
+``manifest.json``: ``format``; ``created``; ``build`` (the :class:`~vlcache.config.BuildConfig`:
+backend, dtype, ``max_input_len``, ``max_batch_size``, ``compression`` — the default
+:class:`~vlcache.config.CompressionConfig` of served requests) and ``config_hash``;
+``image_tokens``; ``model`` (spec, source kind and folder, model type, sha256 of every source file;
+optional ``prompt_style``: ``auto`` | ``plain`` | ``chat``); ``versions`` (vlcache, torch,
+transformers, onnx, onnxruntime, tensorrt as present); ``files`` (every other file of the artifact:
+sha256 and size). ``build`` is the one source of the build's settings: readers take them from
+:attr:`Manifest.build`, and the manifest repeats none of them at its top level.
+
+Format history (``format``, :data:`FORMAT`): 1 repeated ``backend``, ``compression``,
+``max_input_len`` and ``max_batch_size`` beside ``build``; 2 keeps them in ``build`` only. An
+artifact of another format is refused with a message that says to rebuild it.
 
 :func:`read_manifest` checks the structure; :func:`verify_artifact` also refuses an artifact whose
 config hash does not match its config, whose files are missing or changed, or that was built by a
@@ -34,7 +39,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from vlcache.config import ARTIFACT_FORMAT, BuildConfig, CompressionConfig
+from vlcache.config import ARTIFACT_FORMAT, BuildConfig
 
 MANIFEST = "manifest.json"
 FORMAT = ARTIFACT_FORMAT
@@ -51,17 +56,20 @@ class ArtifactError(ValueError):
 
 @dataclass(frozen=True)
 class Manifest:
-    """manifest.json, checked. root: the artifact directory (absolute); raw: the whole JSON object."""
+    """manifest.json, checked. root: the artifact directory (absolute); build: the build's settings
+    (backend, dtype, max_input_len, the default compression, ...); raw: the whole JSON object."""
 
     root: Path
-    backend: str
-    compression: CompressionConfig
+    build: BuildConfig
     config_hash: str
-    max_input_len: int
-    max_batch_size: int
     model: dict[str, Any] = field(default_factory=dict)
     files: dict[str, Any] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def backend(self) -> str:
+        """``build.backend``: ``torch``, ``onnx`` or ``tensorrt``."""
+        return self.build.backend
 
     @property
     def processor_dir(self) -> Path:
@@ -109,11 +117,28 @@ def file_table(root: Path) -> dict[str, dict[str, Any]]:
     return table
 
 
-def _positive_int(data: dict[str, Any], key: str, path: Path) -> int:
-    value = data.get(key)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ArtifactError(f"{path}: '{key}' must be a positive integer, got {value!r}")
-    return value
+def _check_format(data: dict[str, Any], path: Path) -> None:
+    """ArtifactError unless the manifest is of this vlcache's :data:`FORMAT` (it says to rebuild)."""
+    found = data.get("format")
+    if found != FORMAT:
+        raise ArtifactError(
+            f"{path}: artifact format {found!r}, but this vlcache reads format {FORMAT} "
+            "(built by another vlcache version); rebuild it with vlcache-build"
+        )
+
+
+def _build_config(data: dict[str, Any], path: Path) -> BuildConfig:
+    """``data["build"]`` as a BuildConfig with a backend an artifact can have (ArtifactError otherwise)."""
+    raw = data.get("build")
+    if not isinstance(raw, dict):
+        raise ArtifactError(f"{path}: 'build' must be an object (BuildConfig.to_dict())")
+    try:
+        config = BuildConfig.from_dict(raw)
+    except (TypeError, ValueError) as e:
+        raise ArtifactError(f"{path}: bad 'build': {e}") from None
+    if config.backend not in BACKENDS:
+        raise ArtifactError(f"{path}: unknown backend {config.backend!r}; expected one of {', '.join(BACKENDS)}")
+    return config
 
 
 def read_manifest(artifact_dir: str | Path) -> Manifest:
@@ -130,37 +155,22 @@ def read_manifest(artifact_dir: str | Path) -> Manifest:
         raise ArtifactError(f"cannot read {path}: {e}") from None
     if not isinstance(data, dict):
         raise ArtifactError(f"{path}: expected a JSON object")
-    if data.get("format") != FORMAT:
-        raise ArtifactError(
-            f"{path}: unsupported format {data.get('format')!r} (this vlcache reads format {FORMAT}); rebuild it"
-        )
-    backend = data.get("backend")
-    if backend not in BACKENDS:
-        raise ArtifactError(f"{path}: unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
-    compression = data.get("compression")
-    if not isinstance(compression, dict):
-        raise ArtifactError(f"{path}: 'compression' must be an object (CompressionConfig.to_dict())")
-    try:
-        config = CompressionConfig.from_dict(compression)
-    except (TypeError, ValueError) as e:
-        raise ArtifactError(f"{path}: bad 'compression': {e}") from None
+    _check_format(data, path)
+    build = _build_config(data, path)
     for key in ("model", "files"):
         if not isinstance(data.get(key, {}), dict):
             raise ArtifactError(f"{path}: '{key}' must be an object")
     manifest = Manifest(
         root=root,
-        backend=str(backend),
-        compression=config,
+        build=build,
         config_hash=str(data.get("config_hash", "")),
-        max_input_len=_positive_int(data, "max_input_len", path),
-        max_batch_size=_positive_int(data, "max_batch_size", path),
         model=dict(data.get("model", {})),
         files=dict(data.get("files", {})),
         raw=data,
     )
     if not manifest.processor_dir.is_dir():
         raise ArtifactError(f"{root} has no {PROCESSOR_DIR}/ folder (tokenizer and processor files)")
-    if backend == "torch" and not (manifest.hf_dir / "config.json").is_file():
+    if build.backend == "torch" and not (manifest.hf_dir / "config.json").is_file():
         raise ArtifactError(f"{root}: backend 'torch' needs a HF checkpoint in {HF_DIR}/ (config.json missing)")
     return manifest
 
@@ -173,15 +183,8 @@ def verify_artifact(artifact_dir: str | Path, *, check_files: bool = True, check
     """:func:`read_manifest`, then the config hash, every file's sha256 and the runtime's versions."""
     m = read_manifest(artifact_dir)
     root, where = m.root, m.root / MANIFEST
-    if "build" in m.raw:
-        try:
-            cfg = BuildConfig.from_dict(m.raw["build"])
-        except (TypeError, ValueError) as e:
-            raise ArtifactError(f"{where}: invalid build config: {e}") from None
-        if cfg.compute_hash() != m.config_hash:
-            raise ArtifactError(f"{where}: config_hash does not match the build config (edited by hand?)")
-        if cfg.compression != m.compression:
-            raise ArtifactError(f"{where}: 'compression' differs from the build config's (edited by hand?)")
+    if m.build.compute_hash() != m.config_hash:
+        raise ArtifactError(f"{where}: config_hash does not match the build config (edited by hand?)")
     if check_files:
         if not m.files:
             raise ArtifactError(f"{where} lists no files")

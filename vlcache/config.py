@@ -15,8 +15,12 @@ from dataclasses import asdict, dataclass, field, fields
 from vlcache.core.budgets import check_budget
 from vlcache.core.sparsity import DEFAULT_THRESHOLD
 
+#: VL-Cache's recent window, as a fraction of each layer's budget: the paper's experiments keep 10%
+#: (read so by the public reimplementations MosaicKV and EffiVLM-Bench; DESIGN.md, step 5).
+DEFAULT_RECENT_FRACTION = 0.1
+
 # Bump when the meaning of a field changes, so old hashes stop matching.
-CONFIG_SCHEMA = 1
+CONFIG_SCHEMA = 2  # 2: recent_fraction (VL-Cache's recent window)
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,9 @@ class CompressionConfig:
         sinks: leading tokens always kept by StreamingLLM and TGV-KV.
         query_window: VL-Cache scores with the whole post-vision span when None; with the last
             ``query_window`` prompt tokens otherwise (the paper's speed setup used 50).
+        recent_fraction: f, VL-Cache's recent window: a layer that keeps k tokens keeps its last
+            ``max(1, floor(f · k))`` prompt tokens inside k and fills the rest by score; 0 is the
+            paper's Algorithm 1 alone (an ablation, also registered as ``vlcache-nowindow``).
         pyramid_beta: PyramidKV's ratio between the mean and the smallest layer budget.
         chunk_size: query rows per chunk when computing attention statistics (memory, not results).
         seed: seed of the `random` baseline.
@@ -48,6 +55,7 @@ class CompressionConfig:
     pool_kernel: int = 5
     sinks: int = 4
     query_window: int | None = None
+    recent_fraction: float = DEFAULT_RECENT_FRACTION
     pyramid_beta: float = 20.0
     chunk_size: int = 256
     seed: int = 0
@@ -71,6 +79,8 @@ class CompressionConfig:
             raise ValueError(f"sinks must be >= 0, got {self.sinks}")
         if self.query_window is not None and self.query_window < 1:
             raise ValueError(f"query_window must be >= 1 or None, got {self.query_window}")
+        if not 0.0 <= self.recent_fraction < 1.0:
+            raise ValueError(f"recent_fraction must lie in [0, 1), got {self.recent_fraction}")
         if self.pyramid_beta < 1:
             raise ValueError(f"pyramid_beta must be >= 1, got {self.pyramid_beta}")
 
@@ -105,7 +115,7 @@ class CompressionConfig:
 BACKENDS = ("auto", "onnx", "tensorrt", "torch")
 DTYPES = ("float32", "float16", "bfloat16")
 #: Bump when the artifact layout or the meaning of a field changes.
-ARTIFACT_FORMAT = 1
+ARTIFACT_FORMAT = 2  # 2: the build config is the one source (no top-level copies in manifest.json)
 
 
 @dataclass(frozen=True)

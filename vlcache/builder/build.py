@@ -2,7 +2,8 @@
 repository and the manifest — into a temporary folder beside ``--output``, renamed when complete, so
 an interrupted or failed build leaves nothing half-written.
 
-Stages by backend:
+The stages are one list, :func:`build_stages` (what ``--dry-run`` shows is what the build runs and
+prints). What the backend stage does:
 
 * ``onnx``: vision tower + projector and the decoder as ONNX graphs with the VL-Cache ops as nodes of
   domain ``vlcache`` (:mod:`vlcache.export`), run by ONNX Runtime.
@@ -21,7 +22,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,7 @@ def resolve_backend(backend: str) -> str:
     if backend == "tensorrt" and not tensorrt_available():
         raise BuildError(
             "--backend tensorrt needs TensorRT and an NVIDIA GPU (neither is usable here); "
-            "use --backend onnx on a CPU machine, or build inside the docker/ image on a GPU host"
+            "use --backend onnx on a CPU machine, or build on a GPU host with TensorRT installed"
         )
     return backend
 
@@ -67,12 +68,16 @@ def resolve_backend(backend: str) -> str:
 @dataclass(frozen=True)
 class Plan:
     """What a build will do: the resolved source, the effective config (backend resolved, profile
-    defaults applied), the output folder and the stage names."""
+    defaults applied) and the output folder; :attr:`stages` names the build's stages."""
 
     source: ModelSource
     config: BuildConfig
     output: Path
-    stages: tuple[str, ...]
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        """The stage names :func:`build` prints as ``[i/n] name``, in order (from :func:`build_stages`)."""
+        return tuple(name for name, _ in build_stages(self.config.backend))
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -102,9 +107,7 @@ def make_plan(model: str, config: BuildConfig, output: Path, *, explicit: frozen
         config = replace(config, **overrides)
     except ValueError as e:
         raise BuildError(str(e)) from None
-    backend_stage = {"onnx": "export onnx", "tensorrt": "export onnx + build engines", "torch": "save checkpoint"}
-    stages = ("load model", "processor", backend_stage[config.backend], "triton repository", "manifest", "verify")
-    return Plan(source, config, Path(output), stages)
+    return Plan(source, config, Path(output))
 
 
 def _check_output(output: Path, force: bool) -> None:
@@ -160,102 +163,153 @@ def _render_triton(artifact: Path) -> None:
         raise BuildError(f"rendering the Triton model repository failed: {e}") from None
 
 
+@dataclass
+class _Work:
+    """What the stages of one build share: the plan, the temporary folder, what earlier stages made."""
+
+    plan: Plan
+    tmp: Path
+    progress: Progress
+    loaded: Any = None
+    n_image: int = 0
+    source_files: dict[str, Any] = field(default_factory=dict)
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+
+#: a stage does its work in ``work.tmp`` and returns the detail of its "done" line ("" for none)
+Stage = Callable[[_Work], str]
+
+
+def _load_model(work: _Work) -> str:
+    from vlcache.hf.loading import CheckpointError, load_model
+
+    plan, cfg = work.plan, work.plan.config
+    work.progress(f"      {plan.source.spec} ({plan.source.path}, {cfg.dtype})")
+    try:
+        work.loaded = load_model(str(plan.source.path), dtype=cfg.dtype)
+    except CheckpointError as e:
+        raise BuildError(str(e)) from None
+    work.n_image = _check_model_fits(work.loaded.model, cfg)
+    params = sum(p.numel() for p in work.loaded.model.parameters())
+    return f"{params / 1e6:.1f}M parameters, {work.n_image} image tokens per image"
+
+
+def _save_processor(work: _Work) -> str:
+    work.loaded.processor.save_pretrained(work.tmp / PROCESSOR_DIR)
+    return ""
+
+
+def _backend_files(work: _Work) -> str:
+    """The backend's own files: the HF checkpoint, the ONNX graphs, or the engines."""
+    cfg, tmp, loaded = work.plan.config, work.tmp, work.loaded
+    if cfg.backend == "torch":
+        loaded.model.save_pretrained(tmp / HF_DIR, safe_serialization=True)
+        loaded.processor.save_pretrained(tmp / HF_DIR)
+    elif cfg.backend == "onnx":
+        _export_onnx(loaded.model, tmp / ONNX_DIR, cfg)
+    else:
+        _build_engines(loaded.model, tmp / ENGINES_DIR, cfg, work.progress)
+    work.loaded = None  # the model's memory goes before the remaining stages
+    return ""
+
+
+def _hash_source(work: _Work) -> str:
+    work.source_files = hash_tree(work.plan.source.path)
+    return f"{len(work.source_files)} files"
+
+
+def _manifest_dict(work: _Work) -> dict[str, Any]:
+    """manifest.json without its file table (:mod:`vlcache.artifact` describes the fields)."""
+    plan, cfg = work.plan, work.plan.config
+    return {
+        "format": ARTIFACT_FORMAT,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "build": cfg.to_dict(),
+        "config_hash": cfg.compute_hash(),
+        "image_tokens": work.n_image,
+        "model": {
+            "spec": plan.source.spec,
+            "profile": plan.source.profile.name if plan.source.profile else None,
+            "source_kind": plan.source.kind,
+            "source": str(plan.source.path),
+            "hf_id": plan.source.hf_id,
+            "model_type": plan.source.model_type,
+            "files": work.source_files,
+        },
+        "versions": versions(),
+    }
+
+
+def _write_manifest(work: _Work) -> str:
+    """The manifest and the Triton repository, which reads the manifest's settings: a first manifest
+    (no file table) is written while it renders, then the final one lists every file."""
+    manifest = _manifest_dict(work)
+    (work.tmp / MANIFEST).write_text(json.dumps({**manifest, "files": {}}, indent=1) + "\n", encoding="utf-8")
+    _render_triton(work.tmp)
+    manifest["files"] = file_table(work.tmp)
+    (work.tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    work.manifest = manifest
+    return f"{len(manifest['files'])} files"
+
+
+def _verify(work: _Work) -> str:
+    try:
+        verify_artifact(work.tmp)
+    except ArtifactError as e:
+        raise BuildError(f"the artifact failed its own verification: {e}") from None
+    return ""
+
+
+_BACKEND_STAGE = {"onnx": "export onnx", "tensorrt": "export onnx + build engines", "torch": "save checkpoint"}
+
+
+def build_stages(backend: str) -> tuple[tuple[str, Stage], ...]:
+    """The build's stages for ``backend`` (resolved, not ``auto``), in order: the one list that
+    ``--dry-run`` shows (:attr:`Plan.stages`) and :func:`build` runs and prints as ``[i/n] name``."""
+    if backend not in _BACKEND_STAGE:
+        raise BuildError(f"no build stages for backend {backend!r}; expected one of {', '.join(_BACKEND_STAGE)}")
+    return (
+        ("load model", _load_model),
+        ("processor and tokenizer", _save_processor),
+        (_BACKEND_STAGE[backend], _backend_files),
+        ("hash model source", _hash_source),
+        ("manifest and triton repository", _write_manifest),
+        ("verify", _verify),
+    )
+
+
+def _replace_output(tmp: Path, output: Path, force: bool) -> None:
+    """Move the finished ``tmp`` to ``output`` (an old ``output`` goes only once ``tmp`` is in place)."""
+    _check_output(output, force)
+    if output.exists():
+        old = output.parent / f".{output.name}.{uuid.uuid4().hex[:8]}.old"
+        os.replace(output, old)
+        os.replace(tmp, output)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, output)
+
+
 def build(plan: Plan, *, force: bool = False, progress: Progress = print) -> dict[str, Any]:
-    """Run the plan; returns the manifest. The output appears only when every stage succeeded."""
+    """Run the plan's :func:`build_stages`; returns the manifest. The output appears only when every stage succeeded."""
     output = plan.output.absolute()
     _check_output(output, force)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
     t_start = time.perf_counter()
-    total = len(plan.stages)
-
-    def stage(i: int, name: str) -> float:
-        progress(f"[{i}/{total}] {name} ...")
-        return time.perf_counter()
-
-    def done(t0: float, extra: str = "") -> None:
-        progress(f"      done in {time.perf_counter() - t0:.1f} s{(' — ' + extra) if extra else ''}")
-
+    todo = build_stages(plan.config.backend)
+    work = _Work(plan, tmp, progress)
     try:
         tmp.chmod(0o755)
-        cfg = plan.config
-        t = stage(1, f"load model {plan.source.spec} ({plan.source.path}, {cfg.dtype})")
-        from vlcache.hf.loading import CheckpointError, load_model
-
-        try:
-            loaded = load_model(str(plan.source.path), dtype=cfg.dtype)
-        except CheckpointError as e:
-            raise BuildError(str(e)) from None
-        n_image = _check_model_fits(loaded.model, cfg)
-        params = sum(p.numel() for p in loaded.model.parameters())
-        done(t, f"{params / 1e6:.1f}M parameters, {n_image} image tokens per image")
-
-        t = stage(2, "processor and tokenizer")
-        loaded.processor.save_pretrained(tmp / PROCESSOR_DIR)
-        done(t)
-
-        t = stage(3, plan.stages[2])
-        if cfg.backend == "torch":
-            loaded.model.save_pretrained(tmp / HF_DIR, safe_serialization=True)
-            loaded.processor.save_pretrained(tmp / HF_DIR)
-        elif cfg.backend == "onnx":
-            _export_onnx(loaded.model, tmp / ONNX_DIR, cfg)
-        else:
-            _build_engines(loaded.model, tmp / ENGINES_DIR, cfg, progress)
-        done(t)
-        del loaded
-
-        t = stage(4, "hash model source")
-        source_files = hash_tree(plan.source.path)
-        done(t, f"{len(source_files)} files")
-
-        t = stage(5, "manifest")
-        manifest: dict[str, Any] = {
-            "format": ARTIFACT_FORMAT,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "backend": cfg.backend,
-            "build": cfg.to_dict(),
-            "config_hash": cfg.compute_hash(),
-            "compression": cfg.compression.to_dict(),
-            "compression_hash": cfg.compression.compute_hash(),
-            "max_input_len": cfg.max_input_len,
-            "max_batch_size": cfg.max_batch_size,
-            "image_tokens": n_image,
-            "model": {
-                "spec": plan.source.spec,
-                "profile": plan.source.profile.name if plan.source.profile else None,
-                "source_kind": plan.source.kind,
-                "source": str(plan.source.path),
-                "hf_id": plan.source.hf_id,
-                "model_type": plan.source.model_type,
-                "files": source_files,
-            },
-            "versions": versions(),
-        }
-        # The Triton repository reads the manifest's settings, so a first manifest exists while it renders.
-        (tmp / MANIFEST).write_text(json.dumps({**manifest, "files": {}}, indent=1) + "\n", encoding="utf-8")
-        _render_triton(tmp)
-        manifest["files"] = file_table(tmp)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
-        done(t, f"{len(manifest['files'])} files")
-
-        t = stage(6, "verify")
-        try:
-            verify_artifact(tmp)
-        except ArtifactError as e:
-            raise BuildError(f"the artifact failed its own verification: {e}") from None
-        _check_output(output, force)
-        if output.exists():
-            old = output.parent / f".{output.name}.{uuid.uuid4().hex[:8]}.old"
-            os.replace(output, old)
-            os.replace(tmp, output)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, output)
-        done(t)
+        for i, (name, run_stage) in enumerate(todo, start=1):
+            progress(f"[{i}/{len(todo)}] {name} ...")
+            t0 = time.perf_counter()
+            extra = run_stage(work)
+            progress(f"      done in {time.perf_counter() - t0:.1f} s{(' — ' + extra) if extra else ''}")
+        _replace_output(tmp, output, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    size = sum(e["bytes"] for e in manifest["files"].values())
+    size = sum(e["bytes"] for e in work.manifest["files"].values())
     progress(f"built {output} ({size / 2**20:.1f} MiB, {time.perf_counter() - t_start:.1f} s)")
-    return manifest
+    return work.manifest

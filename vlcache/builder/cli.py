@@ -4,7 +4,7 @@
 
 The compression flags (--method, --budget, --threshold, ...) are derived from
 :class:`~vlcache.config.CompressionConfig`; the build flags from
-:class:`~vlcache.builder.config.BuildConfig`. User mistakes end with a one-line error and exit
+:class:`~vlcache.config.BuildConfig`. User mistakes end with a one-line error and exit
 status 2; nothing is written unless the whole build succeeds.
 """
 
@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     manifest = build(plan, force=args.force, progress=progress)
     summary = {
         "output": str(plan.output),
-        "backend": manifest["backend"],
+        "backend": manifest["build"]["backend"],
         "config_hash": manifest["config_hash"],
         "files": len(manifest["files"]),
         "bytes": sum(e["bytes"] for e in manifest["files"].values()),

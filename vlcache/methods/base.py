@@ -156,7 +156,7 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
-_LISTING_ORDER = ("vlcache", "vlcache-uniform", "tgvkv", "snapkv", "pyramidkv", "h2o", "streaming", "random", "full")
+_LISTING_ORDER = ("vlcache", "vlcache-uniform", "vlcache-nowindow", "tgvkv", "snapkv", "pyramidkv", "h2o", "streaming", "random", "full")
 
 
 def available() -> list[str]:

@@ -5,11 +5,17 @@ Vision-Language Model Inference Acceleration", arXiv:2410.23317 (ICLR 2025).
 
 Scores keys by the attention they receive from the post-vision window (the prompt after the last
 image token), gives each layer a budget in proportion to its post-vision attention density, and
-keeps the top-k per layer. `vlcache-uniform` is the ablation with VL-Cache scores and uniform budgets.
+keeps per layer a recent window of its last ``w_l = max(1, floor(f · k_l))`` prompt tokens
+(``recent_fraction`` f, 0.1 as in the paper's experiments; the last prompt token is always kept)
+plus the top ``k_l − w_l`` of the rest by score, in original order.
+
+Ablations: `vlcache-uniform` (VL-Cache scores and window, uniform budgets) and `vlcache-nowindow`
+(f = 0: the paper's Algorithm 1 alone, which can evict the question itself: docs/fidelity.md).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -43,6 +49,21 @@ class VLCacheMethod(Method):
         density = [1.0 if w is None else w for w in weights]
         return allocate_budgets(density, self.config.budget, layout.prompt_len, self.min_keep(layout))
 
+    def forced(self, layout: PromptLayout, k: int) -> tuple[int, int]:
+        """No sinks; the recent window ``max(1, floor(f · k))`` (none when f = 0 or k = 0)."""
+        return 0, recent_window(self.recent_fraction, k)
+
+    @property
+    def recent_fraction(self) -> float:
+        return self.config.recent_fraction
+
+
+def recent_window(fraction: float, k: int) -> int:
+    """w = max(1, floor(f · k)) trailing prompt tokens kept inside a budget of k; 0 when f or k is 0."""
+    if fraction <= 0 or k <= 0:
+        return 0
+    return min(k, max(1, math.floor(fraction * k + 1e-9)))
+
 
 @register
 class VLCacheUniform(VLCacheMethod):
@@ -52,3 +73,14 @@ class VLCacheUniform(VLCacheMethod):
 
     def allocate(self, weights: Sequence[float | None], layout: PromptLayout) -> torch.Tensor:
         return Method.allocate(self, weights, layout)
+
+
+@register
+class VLCacheNoWindow(VLCacheMethod):
+    """Ablation: the paper's Algorithm 1 alone, without the recent window (f = 0 whatever the config)."""
+
+    name = "vlcache-nowindow"
+
+    @property
+    def recent_fraction(self) -> float:
+        return 0.0

@@ -199,10 +199,6 @@ def _cache_bytes(runner: Runner, cache: Cache) -> int:
     return sum(runner.nbytes(k) + runner.nbytes(v) for k, v in cache)
 
 
-def _argmax(logits: np.ndarray) -> int:
-    return int(np.argmax(logits))
-
-
 class GenerationState:
     """One prompt after :func:`prefill`: its (compacted) cache, the next position, the current logits.
 

@@ -17,7 +17,7 @@ Prompt formatting (``manifest.model["prompt_style"]``): ``plain`` → ``"<image>
 ``auto`` (default) → the prompt as is when it already contains the image token, else ``chat`` when
 the processor has a chat template, else ``plain``.
 
-:func:`load_engine` dispatches on ``manifest["backend"]``: ``torch`` is :class:`TorchEngine`
+:func:`load_engine` dispatches on ``manifest.backend``: ``torch`` is :class:`TorchEngine`
 (transformers + :mod:`vlcache.hf`); ``onnx`` and ``tensorrt`` are :class:`RuntimeEngine` over the graphs
 run by :mod:`vlcache.runtime`. Both satisfy :class:`Engine`.
 """
@@ -132,8 +132,8 @@ class _ProcessorEngine:
         from transformers.utils import logging as hf_logging
 
         self.manifest = manifest
-        self.max_input_len = manifest.max_input_len
-        self.default_config = manifest.compression
+        self.max_input_len = manifest.build.max_input_len
+        self.default_config = manifest.build.compression
         self.prompt_style = str(manifest.model.get("prompt_style", "auto"))
         if self.prompt_style not in PROMPT_STYLES:
             raise ArtifactError(
@@ -197,16 +197,17 @@ def _stats(
 
 
 class TorchEngine(_ProcessorEngine):
-    """The ``torch`` backend: the artifact's HF checkpoint run by transformers with :mod:`vlcache.hf`."""
+    """The ``torch`` backend: the artifact's HF checkpoint run by transformers with :mod:`vlcache.hf`,
+    on ``device`` in ``dtype`` (default: the build's dtype, ``manifest.build.dtype``)."""
 
     backend = "torch"
 
-    def __init__(self, manifest: Manifest, *, device: str = "cpu", dtype: str = "float32") -> None:
+    def __init__(self, manifest: Manifest, *, device: str = "cpu", dtype: str | None = None) -> None:
         from vlcache.hf.loading import CheckpointError, load_model
 
         super().__init__(manifest)
         try:
-            self.loaded = load_model(str(manifest.hf_dir), device=device, dtype=dtype)
+            self.loaded = load_model(str(manifest.hf_dir), device=device, dtype=dtype or manifest.build.dtype)
         except CheckpointError as e:
             raise ArtifactError(str(e)) from None
 
@@ -278,17 +279,31 @@ class TorchEngine(_ProcessorEngine):
         )
 
 
+def runner_options(backend: str, device: str | None, threads: int) -> dict[str, Any]:
+    """:func:`vlcache.runtime.load_runtime`'s options for ``backend``: ONNX Runtime's ``threads`` (0:
+    its default) on the CPU, or the CUDA ``device`` of the TensorRT runner (None: ``cuda``, the
+    current device). ArtifactError for a device the backend cannot run on."""
+    if backend == "onnx":
+        if device not in (None, "cpu"):
+            raise ArtifactError(f"the onnx backend runs on the CPU (ONNX Runtime), not on {device!r}; use device cpu")
+        return {"threads": threads} if threads else {}
+    if device is not None and device.split(":")[0] != "cuda":
+        raise ArtifactError(f"the {backend} backend runs on a CUDA device (cuda or cuda:N), not on {device!r}")
+    return {"device": device or "cuda"}
+
+
 class RuntimeEngine(_ProcessorEngine):
     """The ``onnx`` (and ``tensorrt``) backends: the artifact's graphs run by :mod:`vlcache.runtime`,
-    driven token by token so text streams and a cancelled request stops at the next token."""
+    driven token by token so text streams and a cancelled request stops at the next token.
+    ``device`` and ``threads``: as :func:`runner_options` takes them."""
 
-    def __init__(self, manifest: Manifest, *, threads: int = 0) -> None:
+    def __init__(self, manifest: Manifest, *, threads: int = 0, device: str | None = None) -> None:
         from vlcache.runtime import load_runtime
 
+        options = runner_options(manifest.backend, device, threads)
         super().__init__(manifest)
         self.backend = manifest.backend
         folder = manifest.onnx_dir if manifest.backend == "onnx" else manifest.root / ENGINES_DIR
-        options: dict[str, Any] = {"threads": threads} if manifest.backend == "onnx" and threads else {}
         try:
             self.runner = load_runtime(folder, backend=manifest.backend, **options)
         except (OSError, ValueError, RuntimeError) as e:
@@ -352,9 +367,14 @@ class RuntimeEngine(_ProcessorEngine):
         )
 
 
-def load_engine(artifact_dir: str | Path, *, device: str = "cpu", verify: bool = True, threads: int = 0) -> Engine:
-    """The engine for ``artifact_dir``'s backend (ArtifactError when it cannot be loaded).
+def load_engine(
+    artifact_dir: str | Path, *, device: str | None = None, verify: bool = True, threads: int = 0
+) -> Engine:
+    """The engine for ``artifact_dir``'s backend (ArtifactError when it cannot be loaded), with the
+    build's settings (``manifest.build``: dtype, max_input_len, the default compression).
 
+    ``device``: where it runs; None is the backend's default (``cpu`` for torch and onnx, ``cuda``
+    for tensorrt); the onnx backend runs on the CPU only, the tensorrt backend on ``cuda[:N]`` only.
     ``verify``: check the manifest's config hash, every file's sha256 and the runtime's package
     versions first (:func:`vlcache.artifact.verify_artifact`); False only checks its structure.
     ``threads``: ONNX Runtime intra-op threads of the ``onnx`` backend (0: ONNX Runtime's default,
@@ -362,5 +382,5 @@ def load_engine(artifact_dir: str | Path, *, device: str = "cpu", verify: bool =
     """
     manifest = verify_artifact(artifact_dir) if verify else read_manifest(artifact_dir)
     if manifest.backend == "torch":
-        return TorchEngine(manifest, device=device)
-    return RuntimeEngine(manifest, threads=threads)
+        return TorchEngine(manifest, device=device or "cpu")
+    return RuntimeEngine(manifest, threads=threads, device=device)

@@ -6,6 +6,10 @@ Runs exactly what the served model runs (:func:`vlcache.serving.load_engine`: th
 verified against its manifest first), prints the text as it is generated and ends stdout with one
 JSON line of stats: prompt tokens, KV tokens kept per layer, KV bytes before/after, prefill and
 decode times. ``--image digits:N`` takes scene N of the bundled digits task's test split.
+
+``--budget 1.0,0.1`` answers the same question once per budget (one engine, loaded once), streams
+each answer behind its budget, prints a side-by-side table (answer, kept KV bytes, share of the
+full cache) and ends with one JSON line ``{"runs": [stats, ...]}`` whose stats carry the ``text``.
 User mistakes end with a one-line error and exit status 2.
 """
 
@@ -33,7 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", required=True, help="PNG / JPEG file, or digits:N for scene N of the digits test split")
     p.add_argument("--prompt", required=True, help="the question (the image placeholder is added for you)")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens to generate at most")
-    p.add_argument("--budget", type=float, default=None, help="KV budget α in (0, 1] (default: the build's)")
+    p.add_argument(
+        "--budget",
+        default=None,
+        help="KV budget α in (0, 1] (default: the build's); several, comma-separated (1.0,0.1), answer the "
+        "question once per budget and print them side by side",
+    )
     p.add_argument("--method", default=None, help="compression method (default: the build's)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: the library default)")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the artifact's files")
@@ -73,23 +82,66 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from vlcache.serving.engine import load_engine
     from vlcache.serving.request import InvalidRequest
 
+    budgets = parse_budget_list(args.budget)
     if args.threads:
         torch.set_num_threads(args.threads)
+    runs: list[dict[str, Any]] = []
     try:
         engine = load_engine(args.artifact, verify=not args.no_verify, threads=max(args.threads, 0))
-        stats = engine.generate(
-            image,
-            args.prompt,
-            max_tokens=args.max_tokens,
-            budget=args.budget,
-            method=args.method,
-            on_text=lambda delta: print(delta, end="", flush=True),
-        )
+        for budget in budgets:
+            if len(budgets) > 1:
+                print(f"[budget {budget:g}] ", end="", flush=True)
+            text: list[str] = []
+
+            def on_text(delta: str, text: list[str] = text) -> None:
+                text.append(delta)
+                print(delta, end="", flush=True)
+
+            stats = engine.generate(
+                image, args.prompt, max_tokens=args.max_tokens, budget=budget, method=args.method, on_text=on_text
+            )
+            print()
+            runs.append({**stats, "text": "".join(text)})
     except (ArtifactError, InvalidRequest) as e:
         raise GenerateError(str(e)) from None
-    print()
-    print(json.dumps(stats))
-    return stats
+    if len(runs) == 1:
+        stats = {k: v for k, v in runs[0].items() if k != "text"}
+        print(json.dumps(stats))
+        return stats
+    print(format_side_by_side(runs))
+    print(json.dumps({"runs": runs}))
+    return {"runs": runs}
+
+
+def parse_budget_list(text: str | None) -> list[float | None]:
+    """``None`` (the build's budget) or comma-separated floats; the engine checks each is in (0, 1]."""
+    if text is None:
+        return [None]
+    budgets: list[float | None] = []
+    for item in (b.strip() for b in text.split(",")):
+        if not item:
+            continue
+        try:
+            budgets.append(float(item))
+        except ValueError:
+            raise GenerateError(f"--budget: {item!r} is not a number") from None
+    if not budgets:
+        raise GenerateError("--budget is empty")
+    return budgets
+
+
+def format_side_by_side(runs: Sequence[dict[str, Any]]) -> str:
+    """One row per run: budget, answer, kept KV tokens and bytes, and the bytes as a share of all."""
+    header = f"{'budget':>7}  {'answer':<16} {'kept tokens':>11} {'KV bytes':>10} {'of full':>8}"
+    rows = [header, "-" * len(header)]
+    for r in runs:
+        answer = " ".join(r["text"].split()) or "(nothing)"
+        share = r["kv_bytes_after"] / r["kv_bytes_before"] if r["kv_bytes_before"] else 1.0
+        rows.append(
+            f"{r['budget']:>7g}  {answer[:16]:<16} {sum(r['kept_per_layer']):>11} "
+            f"{r['kv_bytes_after']:>10} {share:>8.1%}"
+        )
+    return "\n".join(rows)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -4,8 +4,9 @@ Contract:
 * ``initialize`` reads the model config's parameters (rendered by
   :func:`vlcache.serving.render_repository`): ``artifact_dir`` (absolute, or relative to the model's
   folder in the repository), ``max_tokens_cap``, ``num_threads`` (torch and ONNX Runtime intra-op
-  threads, 0 = leave their defaults) and ``device``; it refuses a config that is not decoupled; then it loads the
-  engine with :func:`vlcache.serving.load_engine`.
+  threads, 0 = leave their defaults) and ``device`` (``cuda`` becomes the instance's ``cuda:N``); it
+  refuses a config that is not decoupled; then it loads the engine on that device with
+  :func:`vlcache.serving.load_engine`.
 * ``execute`` serves its requests one after another, each on its own response stream: one response
   per new piece of text (output ``text``), then a final response (flag ``FINAL``) with ``text`` empty
   and ``stats`` (JSON). A bad request gets one final response carrying an ``INVALID_ARG`` error
