@@ -43,7 +43,6 @@ import argparse
 import gc
 import json
 import platform
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -51,9 +50,11 @@ from typing import Any
 
 import torch
 import transformers
+from _timing import median_ms, round_robin
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from vlcache.config import CompressionConfig
+from vlcache.cli import parse_budgets
+from vlcache.config import DTYPES, CompressionConfig
 from vlcache.hf.adapter import cache_nbytes
 from vlcache.hf.session import CompressionStats, VLCache
 from vlcache.methods import Method
@@ -63,7 +64,7 @@ from vlcache.methods import Method
 # process slowed decode ~8x (640 vs 80 ms/token), one thread ~1.5x.
 FULL_RUN = {"contexts": "2048,4096,8192", "decode_steps": 32, "warmup": 4, "prefill_repeats": 2, "threads": 0}
 QUICK_RUN = {"contexts": "256,512", "decode_steps": 6, "warmup": 1, "prefill_repeats": 1, "threads": 1}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -90,7 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument(
         "--untied", action="store_true", help="separate input embedding and LM head (default: tied, so W = bytes read)"
     )
-    g.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights and cache dtype")
+    g.add_argument("--dtype", choices=DTYPES, default="float32", help="weights and cache dtype")
     g = p.add_argument_group("workload")
     g.add_argument(
         "--contexts",
@@ -132,7 +133,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.contexts = [int(c) for c in str(args.contexts).split(",") if c.strip()]
-    args.budgets = [float(b) for b in str(args.budgets).split(",") if b.strip()]
+    try:
+        args.budgets = parse_budgets(str(args.budgets))
+    except ValueError as e:
+        p.error(str(e))
     if not args.contexts or min(args.contexts) < 2:
         p.error("--contexts needs lengths >= 2")
     if args.decode_steps < 1 or args.warmup < 0 or args.prefill_repeats < 1:
@@ -156,7 +160,7 @@ def build_model(args: argparse.Namespace) -> LlamaForCausalLM:
         tie_word_embeddings=not args.untied,
         attn_implementation="sdpa",
     )
-    model = LlamaForCausalLM(cfg).to(DTYPES[args.dtype]).eval()
+    model = LlamaForCausalLM(cfg).to(TORCH_DTYPES[args.dtype]).eval()
     return model
 
 
@@ -168,7 +172,7 @@ def param_bytes(model: torch.nn.Module) -> int:
 def model_info(model: LlamaForCausalLM, args: argparse.Namespace) -> dict[str, Any]:
     cfg = model.config
     head_dim = cfg.hidden_size // cfg.num_attention_heads
-    elem = torch.finfo(DTYPES[args.dtype]).bits // 8
+    elem = torch.finfo(TORCH_DTYPES[args.dtype]).bits // 8
     return {
         "arch": "LlamaForCausalLM (random weights)",
         "hidden": cfg.hidden_size,
@@ -242,10 +246,8 @@ def timed_prefill(
             if then_decode is not None:
                 run.cache, run.token = cache, token
                 warmup, steps = then_decode
-                for t in range(warmup + steps):
-                    seconds_t = decode_step(model, run, ids.shape[1] + t)
-                    if t >= warmup:
-                        run.decode_s.append(seconds_t)
+                m = ids.shape[1]
+                run.decode_s += round_robin({0: lambda t: decode_step(model, run, m + t)}, steps, warmup)[0]
     run.prefill_s.append(seconds)
     if keep and then_decode is None:
         run.cache, run.token = cache, token
@@ -269,10 +271,6 @@ def decode_round(model: LlamaForCausalLM, run: Run, position: int) -> float:
         return decode_step(model, run, position)
 
 
-def median_ms(values: list[float]) -> float:
-    return 1e3 * statistics.median(values) if values else float("nan")
-
-
 # --- one context -----------------------------------------------------------------------------
 def bench_context(model: LlamaForCausalLM, args: argparse.Namespace, m: int, weight_bytes: int) -> list[dict[str, Any]]:
     gen = torch.Generator().manual_seed(args.seed + m)
@@ -291,11 +289,9 @@ def bench_context(model: LlamaForCausalLM, args: argparse.Namespace, m: int, wei
             gc.collect()
     # Decode: the other configurations side by side, one step each per round.
     side_by_side = [run for run in runs if not has_decode_policy(run)]
-    for t in range(args.warmup + args.decode_steps):
-        for run in side_by_side:
-            seconds = decode_round(model, run, m + t)
-            if t >= args.warmup:
-                run.decode_s.append(seconds)
+    decoders = {i: (lambda t, run=run: decode_round(model, run, m + t)) for i, run in enumerate(side_by_side)}
+    for i, seconds in round_robin(decoders, args.decode_steps, args.warmup).items():
+        side_by_side[i].decode_s += seconds
     steps = args.warmup + args.decode_steps
     for run in runs:  # generated tokens are appended; only a decode policy evicts
         lengths = [layer.keys.shape[2] for layer in run.cache.layers]

@@ -40,8 +40,10 @@ from typing import Any
 
 import torch
 import transformers
+from _timing import median_ms, round_robin
 from transformers import CLIPVisionConfig, DynamicCache, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
+from vlcache.cli import parse_budgets
 from vlcache.config import CompressionConfig
 from vlcache.hf.session import VLCache
 
@@ -63,7 +65,9 @@ QUICK_RUN = {
     "decode_steps": 8,
     "warmup": 2,
 }
-IMAGE_TOKEN = 31999
+#: The image token id of the benchmark's random LLaVA: LLaVA-1.5's last vocabulary id, taken modulo
+#: ``--vocab`` (not :data:`vlcache.hf.tiny.IMAGE_TOKEN`, the tiny test model's).
+RANDOM_LLAVA_IMAGE_TOKEN_ID = 31999
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -103,10 +107,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key, value in base.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
-    if not budgets or any(not 0 < b <= 1 for b in budgets):
-        p.error(f"--budgets must be fractions in (0, 1], got {args.budgets!r}")
-    args.budget_list = budgets
+    try:
+        args.budget_list = parse_budgets(args.budgets)
+    except ValueError as e:
+        p.error(str(e))
     n_image = (args.image_size // 4) ** 2
     if args.context < n_image + args.question + 2:
         p.error(
@@ -140,7 +144,7 @@ def build_model(args: argparse.Namespace) -> LlavaForConditionalGeneration:
     cfg = LlavaConfig(
         vision_config=vision,
         text_config=text,
-        image_token_index=IMAGE_TOKEN % args.vocab,
+        image_token_index=RANDOM_LLAVA_IMAGE_TOKEN_ID % args.vocab,
         image_seq_length=(args.image_size // 4) ** 2,
         vision_feature_select_strategy="default",
     )
@@ -195,9 +199,9 @@ class TorchRun:
         self.token = int(out.logits[0, -1].argmax())
         self.position = inputs["input_ids"].shape[1]
         self.tokens = [self.token]
-        self.steps: list[float] = []
 
-    def step(self) -> None:
+    def step(self, _round: int = 0) -> float:
+        """One greedy decode step; returns its seconds (the model call and the argmax)."""
         t0 = time.perf_counter()
         with torch.no_grad():
             out = self.model(
@@ -207,9 +211,10 @@ class TorchRun:
                 **{self.cache_kw: self.cache},
             )
         self.token = int(out.logits[0, -1].argmax())
-        self.steps.append(time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
         self.position += 1
         self.tokens.append(self.token)
+        return seconds
 
     def close(self) -> None:
         self.context.__exit__(None, None, None)
@@ -228,21 +233,15 @@ class OnnxRun:
         self.token = self.state.greedy()
         self.tokens = [self.token]
 
-    @property
-    def steps(self) -> list[float]:
-        return self.state.step_seconds
-
-    def step(self) -> None:
+    def step(self, _round: int = 0) -> float:
+        """One greedy decode step; returns the seconds GenerationState.step measured."""
         self.state.step(self.token)
         self.token = self.state.greedy()
         self.tokens.append(self.token)
+        return self.state.step_seconds[-1]
 
     def close(self) -> None:
         pass
-
-
-def median_ms(steps: list[float], warmup: int) -> float:
-    return 1000.0 * statistics.median(steps[warmup:])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -286,10 +285,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"  α={budget} prefill {repeat + 1}: torch {runs['torch'].prefill:.2f} s, onnx {runs['onnx'].prefill:.2f} s",
                     flush=True,
                 )
-            try:
-                for _ in range(total):  # round-robin: noise hits both alike
-                    for run in runs.values():
-                        run.step()
+            try:  # round-robin: noise hits both alike
+                decode = round_robin({name: run.step for name, run in runs.items()}, args.decode_steps, args.warmup)
             finally:
                 runs["torch"].close()
             agree = runs["torch"].tokens == runs["onnx"].tokens
@@ -301,8 +298,8 @@ def main(argv: list[str] | None = None) -> int:
                         "prefill_s": statistics.median(prefills[backend]),
                         "prefill_s_all": prefills[backend],
                         "scoring_s": statistics.median(scorings[backend]),
-                        "decode_ms_per_token": median_ms(run.steps, args.warmup),
-                        "decode_ms_all": [1000.0 * s for s in run.steps],
+                        "decode_ms_per_token": median_ms(decode[backend]),
+                        "decode_ms_all": [1000.0 * s for s in decode[backend]],
                         "kv_bytes_before": run.kv_before,
                         "kv_bytes_after": run.kv_after,
                         "kept_per_layer": run.kept,

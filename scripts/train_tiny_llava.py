@@ -34,15 +34,26 @@ Recipe (deterministic from --seed):
 3. Validation accuracy (greedy, full cache) on the val split; the checkpoint, tokenizer and
    processor are saved in standard HF format (safetensors) to --out, with training_log.json.
 
-The shipped model (run L: 6 min of stage 1 and 37 min of stage 2 on 2 idle cores; docs/fidelity.md
-has its training curve):
+The two bundled models (docs/fidelity.md has their training curves). ``llava-tiny-late`` (run L:
+6 min of stage 1 and 37 min of stage 2 on 2 idle cores) has the aids at the answer position, so its
+question tokens never look at the image:
 
     .venv/bin/python scripts/train_tiny_llava.py --out /tmp/vision --steps 0 --threads 2 \
         --vision-steps 800 --vision-cosine --vision-weight-decay 0.05
-    .venv/bin/python scripts/train_tiny_llava.py --out vlcache/models/llava-tiny --vision-from /tmp/vision \
+    .venv/bin/python scripts/train_tiny_llava.py --out vlcache/models/llava-tiny-late --vision-from /tmp/vision \
         --threads 2 --steps 3000 --lookup-only-steps 700 --constant-frac 0.4 --route-loss 1.0 \
         --gather-loss 1.0 --readout-loss 1.0 --count-aid --route-hold 1800 --route-steps 2400 \
         --route-layer 2 --eval-every 250
+
+``llava-tiny`` (run Q, the default model) reuses that tower and has the aids at the question's last
+token ``?`` (``--aid-at prompt``), on follow-up pairs too (``--pair-aids``): its question reads the
+asked cells at prefill, like a real VLM's (the premise of prompt-attention scorers). A long run can
+be stopped and continued with ``--resume`` (same flags; OUT/checkpoint holds the optimiser state):
+
+    .venv/bin/python scripts/train_tiny_llava.py --out vlcache/models/llava-tiny \
+        --vision-from vlcache/models/llava-tiny-late --threads 2 --steps 2500 --lookup-only-steps 700 \
+        --constant-frac 0.4 --route-loss 1.0 --gather-loss 1.0 --readout-loss 1.0 --count-aid \
+        --route-hold 1500 --route-steps 2000 --route-layer 2 --eval-every 250 --aid-at prompt --pair-aids
 """
 
 from __future__ import annotations

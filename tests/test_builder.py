@@ -154,7 +154,7 @@ def test_the_build_prints_the_stages_the_dry_run_lists(
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--model", "no-such-model"], r"is not a profile alias \(llava, llava-next, llava-tiny\)"),
+        (["--model", "no-such-model"], r"is not a profile alias \(llava, llava-next, llava-tiny, llava-tiny-late\)"),
         (["--model", "llava"], r"not in the local HuggingFace cache .* pass a local checkpoint folder"),
         (["--model", "someorg/somemodel"], "HF model someorg/somemodel is not in the local HuggingFace cache"),
         (["--budget", "0"], "budget"),

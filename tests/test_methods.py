@@ -213,3 +213,13 @@ def test_recent_fraction_is_validated_and_hashed():
     with pytest.raises(ValueError, match="recent_fraction"):
         CompressionConfig(recent_fraction=-0.1)
     assert CompressionConfig(recent_fraction=0.2).compute_hash() != CompressionConfig().compute_hash()
+
+
+def test_full_is_never_scored():
+    """`full` does not compress, so the runners never score it; asking is a clear error, not ones."""
+    method = get_method(CompressionConfig(method="full"))
+    assert not method.compresses
+    q, k = peaked_qk([0], M, M - 1)
+    with pytest.raises(NotImplementedError, match="full"):
+        method.score(LayerInput(q, k, M - 1, 1.0, 0, 1), LAYOUT)
+    assert method.allocate([None, None], LAYOUT).tolist() == [M, M]

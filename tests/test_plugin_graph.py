@@ -224,4 +224,18 @@ def test_nodes_in_subgraphs_are_rewritten() -> None:
 
 
 def test_defaults_match_the_reference() -> None:
-    assert PLUGIN_ATTRIBUTES[POST_VISION_STATS]["threshold"] == DEFAULT_THRESHOLD
+    """A node that leaves its attributes out means the exported op schema's defaults (what ONNX Runtime
+    runs): the plugin node must get the same values, and the threshold must be the reference p."""
+    from vlcache.export.ops import register_schemas
+
+    register_schemas()
+    schema = onnx.defs.get_schema(POST_VISION_STATS, 1, DOMAIN)
+    declared = {name: helper.get_attribute_value(a.default_value) for name, a in schema.attributes.items()}
+    assert set(declared) == set(PLUGIN_ATTRIBUTES[POST_VISION_STATS])
+    assert declared["threshold"] == pytest.approx(DEFAULT_THRESHOLD)  # float32 in ONNX
+
+    model = _model()
+    stats = model.graph.node[1]
+    del stats.attribute[:]  # the exporter's defaults, not the 0.02 the other tests carry over
+    filled = _attrs(plugin_nodes(to_tensorrt_plugins(model))[0])
+    assert {name: filled[name] for name in declared} == pytest.approx(declared)

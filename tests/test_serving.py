@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from tests.serving_helpers import make_artifact
-from vlcache.artifact import FORMAT, MANIFEST, ArtifactError, file_table, read_manifest
+from vlcache.artifact import MANIFEST, ArtifactError, file_table, read_manifest
+from vlcache.config import ARTIFACT_FORMAT
 from vlcache.serving import protocol
 from vlcache.serving.repository import RenderError, render_repository, render_text
 from vlcache.serving.request import InvalidRequest, Limits, parse_request
@@ -98,7 +99,7 @@ def test_read_manifest_refuses_broken_artifacts(artifact: Path, tmp_path: Path):
     data = json.loads((artifact / "manifest.json").read_text())
     build = data["build"]
     for name, changes, message in [
-        ("format", {"format": 7}, f"artifact format 7, but this vlcache reads format {FORMAT}"),
+        ("format", {"format": 7}, f"artifact format 7, but this vlcache reads format {ARTIFACT_FORMAT}"),
         ("nobuild", {"build": None}, "'build' must be an object"),
         ("backend", {"build": {**build, "backend": "gguf"}}, "bad 'build': unknown backend 'gguf'"),
         ("auto", {"build": {**build, "backend": "auto"}}, "unknown backend 'auto'; expected one of"),
@@ -132,7 +133,7 @@ def test_an_artifact_of_the_old_format_is_refused_with_rebuild(artifact: Path, t
     build = data["build"]
     copies = {k: build[k] for k in ("backend", "compression", "max_input_len", "max_batch_size")}
     (old / MANIFEST).write_text(json.dumps({**data, **copies, "format": 1}))
-    message = f"artifact format 1, but this vlcache reads format {FORMAT} .*rebuild it with vlcache-build"
+    message = f"artifact format 1, but this vlcache reads format {ARTIFACT_FORMAT} .*rebuild it with vlcache-build"
     with pytest.raises(ArtifactError, match=message):
         load_engine(old, verify=False)
     with pytest.raises(SystemExit) as e:
@@ -340,7 +341,7 @@ def test_serve_and_bench_report_user_mistakes_on_one_line(tmp_path: Path, capsys
     err = capsys.readouterr().err.strip()
     assert err.startswith("vlcache-serve: error: artifact directory not found") and "\n" not in err
     assert bench_main(["--budgets", "1.0,0", "--out", str(tmp_path / "b")]) == 2
-    assert "--budgets must be fractions in (0, 1]" in capsys.readouterr().err
+    assert "budget 0 is outside (0, 1] in --budgets" in capsys.readouterr().err
     assert bench_main(["--url", f"127.0.0.1:{free_port()}", "--requests", "1", "--out", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("vlcache-bench: error: no ready vlcache model at")

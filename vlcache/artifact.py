@@ -19,9 +19,11 @@ transformers, onnx, onnxruntime, tensorrt as present); ``files`` (every other fi
 sha256 and size). ``build`` is the one source of the build's settings: readers take them from
 :attr:`Manifest.build`, and the manifest repeats none of them at its top level.
 
-Format history (``format``, :data:`FORMAT`): 1 repeated ``backend``, ``compression``,
-``max_input_len`` and ``max_batch_size`` beside ``build``; 2 keeps them in ``build`` only. An
-artifact of another format is refused with a message that says to rebuild it.
+Format history (``format``, :data:`vlcache.config.ARTIFACT_FORMAT`): 1 repeated ``backend``,
+``compression``, ``max_input_len`` and ``max_batch_size`` beside ``build``; 2 keeps them in ``build``
+only. An artifact of another format is refused with a message that says to rebuild it. (The format
+of an export directory's ``export.json`` is versioned apart: :data:`vlcache.export.spec.EXPORT_FORMAT_NAME`
+and :data:`~vlcache.export.spec.EXPORT_FORMAT_VERSION`.)
 
 :func:`read_manifest` checks the structure; :func:`verify_artifact` also refuses an artifact whose
 config hash does not match its config, whose files are missing or changed, or that was built by a
@@ -39,11 +41,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from vlcache.config import ARTIFACT_FORMAT, BuildConfig
+from vlcache.config import ARTIFACT_BACKENDS, ARTIFACT_FORMAT, BuildConfig
 
 MANIFEST = "manifest.json"
-FORMAT = ARTIFACT_FORMAT
-BACKENDS = ("torch", "onnx", "tensorrt")
 HF_DIR, PROCESSOR_DIR, TRITON_DIR, ONNX_DIR, ENGINES_DIR = "hf", "processor", "triton", "onnx", "engines"
 PACKAGES = ("vlcache", "torch", "transformers", "onnx", "onnxruntime", "tensorrt", "triton")
 #: packages whose major.minor must match at load time, per backend
@@ -118,11 +118,11 @@ def file_table(root: Path) -> dict[str, dict[str, Any]]:
 
 
 def _check_format(data: dict[str, Any], path: Path) -> None:
-    """ArtifactError unless the manifest is of this vlcache's :data:`FORMAT` (it says to rebuild)."""
+    """ArtifactError unless the manifest is of this vlcache's :data:`ARTIFACT_FORMAT` (it says to rebuild)."""
     found = data.get("format")
-    if found != FORMAT:
+    if found != ARTIFACT_FORMAT:
         raise ArtifactError(
-            f"{path}: artifact format {found!r}, but this vlcache reads format {FORMAT} "
+            f"{path}: artifact format {found!r}, but this vlcache reads format {ARTIFACT_FORMAT} "
             "(built by another vlcache version); rebuild it with vlcache-build"
         )
 
@@ -136,8 +136,10 @@ def _build_config(data: dict[str, Any], path: Path) -> BuildConfig:
         config = BuildConfig.from_dict(raw)
     except (TypeError, ValueError) as e:
         raise ArtifactError(f"{path}: bad 'build': {e}") from None
-    if config.backend not in BACKENDS:
-        raise ArtifactError(f"{path}: unknown backend {config.backend!r}; expected one of {', '.join(BACKENDS)}")
+    if config.backend not in ARTIFACT_BACKENDS:
+        raise ArtifactError(
+            f"{path}: unknown backend {config.backend!r}; expected one of {', '.join(ARTIFACT_BACKENDS)}"
+        )
     return config
 
 

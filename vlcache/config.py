@@ -2,7 +2,9 @@
 Both validate themselves and hash what changes results.
 
 One source of truth for the defaults: the CLI flags, the build manifest and the methods all read
-them from here.
+them from here. The algorithms' own constants (p, the chunk size, PyramidKV's β) come from
+:mod:`vlcache.core`, the lowest layer, which the export and the plugins read too. The names of
+backends and dtypes (:data:`BACKENDS` and the lists made from it, :data:`DTYPES`) are defined here.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 
-from vlcache.core.budgets import check_budget
+from vlcache.core.attention import DEFAULT_CHUNK
+from vlcache.core.budgets import DEFAULT_PYRAMID_BETA, check_budget
 from vlcache.core.sparsity import DEFAULT_THRESHOLD
 
 #: VL-Cache's recent window, as a fraction of each layer's budget: the paper's experiments keep 10%
@@ -56,8 +59,8 @@ class CompressionConfig:
     sinks: int = 4
     query_window: int | None = None
     recent_fraction: float = DEFAULT_RECENT_FRACTION
-    pyramid_beta: float = 20.0
-    chunk_size: int = 256
+    pyramid_beta: float = DEFAULT_PYRAMID_BETA
+    chunk_size: int = DEFAULT_CHUNK
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -112,7 +115,18 @@ class CompressionConfig:
 # budget or method (one deployment, several quality tiers), so they do not change the compiled
 # graphs, but they are part of the artifact's identity and of its hash.
 
-BACKENDS = ("auto", "onnx", "tensorrt", "torch")
+#: What runs a model (DESIGN.md's "backend"): ONNX Runtime graphs, TensorRT engines, or the HF
+#: checkpoint in PyTorch. The names every other list of backends is made from.
+BACKENDS = ("onnx", "tensorrt", "torch")
+#: What ``vlcache-build`` and :class:`BuildConfig` accept: a backend, or ``auto`` (resolved before
+#: the build, never stored).
+BUILD_BACKENDS = ("auto", *BACKENDS)
+#: What an artifact's manifest may name (``auto`` is resolved before anything is written).
+ARTIFACT_BACKENDS = BACKENDS
+#: What :func:`vlcache.runtime.load_runtime` opens from an export directory: the backends that run
+#: exported graphs (``torch`` runs the checkpoint itself, not an export), or ``auto``.
+RUNTIME_BACKENDS = ("auto", *(b for b in BACKENDS if b != "torch"))
+#: Weight and activation dtypes, by their torch names (``getattr(torch, name)``).
 DTYPES = ("float32", "float16", "bfloat16")
 #: Bump when the artifact layout or the meaning of a field changes.
 ARTIFACT_FORMAT = 2  # 2: the build config is the one source (no top-level copies in manifest.json)
@@ -139,8 +153,8 @@ class BuildConfig:
     compression: CompressionConfig = field(default_factory=CompressionConfig)
 
     def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ValueError(f"unknown backend {self.backend!r}; choose from {', '.join(BACKENDS)}")
+        if self.backend not in BUILD_BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; choose from {', '.join(BUILD_BACKENDS)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
         if self.max_batch_size < 1:

@@ -108,9 +108,9 @@ def build_engines(onnx_dir: Path, out_dir: Path, *, dtype: str = "float16", max_
     import onnx
 
     from vlcache_plugins.graph import to_tensorrt_plugins
-    from vlcache_plugins.tensorrt_plugins import _import_tensorrt, register_tensorrt_plugins
+    from vlcache_plugins.tensorrt_plugins import import_plugin_api, register_tensorrt_plugins
 
-    trt, _ = _import_tensorrt()
+    trt, _ = import_plugin_api()
     register_tensorrt_plugins()
     spec = ExportSpec.load(onnx_dir)
     out_dir = Path(out_dir)

@@ -11,8 +11,10 @@ each backed by an ONNX local function (so ONNX Runtime runs it). For a TensorRT 
   op_type and ``plugin_namespace``; the node's domain only keeps the model valid ONNX (a domain of
   its own, listed in ``opset_import``, whose ops ONNX's checker does not know and so does not check).
 * The op's attributes are carried over, missing ones filled with the contract's defaults
-  (``threshold`` 0.01, ``scale`` 0.0 = 1/√D): the parser passes only fields the plugin registered
-  and warns about missing ones. Integer values of float attributes become floats.
+  (``threshold`` :data:`vlcache.core.DEFAULT_THRESHOLD` = 0.01, ``scale``
+  :data:`vlcache.export.names.DEFAULT_SCALE` = 0.0, meaning 1/√D; the same the exported op's schema
+  declares): the parser passes only fields the plugin registered and warns about missing ones.
+  Integer values of float attributes become floats.
 * ``PostVisionStats(q, k, query_start) -> (scores, density)`` becomes the plugin node
   ``-> (scores, group_sparsity, row_max, row_sum)`` followed by ``density = 1 − ReduceMean(
   group_sparsity, axes=[1])`` in standard ops (the kernel leaves the cross-head mean to the graph).
@@ -22,7 +24,7 @@ each backed by an ONNX local function (so ONNX Runtime runs it). For a TensorRT 
   nothing uses it. Every other node, initializer, input and output is left as it was; nodes in
   subgraphs (If/Loop/Scan bodies) and in other local functions are rewritten too.
 
-Pure ``onnx``: no TensorRT, no torch.
+``onnx`` and vlcache's constants only: no TensorRT.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from collections.abc import Iterable, Iterator
 import onnx
 from onnx import AttributeProto, FunctionProto, GraphProto, NodeProto, helper
 
-from vlcache.export.names import COMPACT_KV, DOMAIN, PLUGIN_IDS, PLUGIN_NAMESPACE, POST_VISION_STATS
+from vlcache.core import DEFAULT_THRESHOLD
+from vlcache.export.names import COMPACT_KV, DEFAULT_SCALE, DOMAIN, PLUGIN_IDS, PLUGIN_NAMESPACE, POST_VISION_STATS
 
 #: ONNX domain of the rewritten plugin nodes.
 PLUGIN_DOMAIN = "trt.plugins"
@@ -40,7 +43,7 @@ PLUGIN_VERSION = "1"
 
 #: Attributes each op carries to its plugin, with the op contract's defaults.
 PLUGIN_ATTRIBUTES: dict[str, dict[str, float]] = {
-    POST_VISION_STATS: {"threshold": 0.01, "scale": 0.0},
+    POST_VISION_STATS: {"threshold": DEFAULT_THRESHOLD, "scale": DEFAULT_SCALE},
     COMPACT_KV: {},
 }
 #: Number of (inputs, outputs) of each op (vlcache.export.names contracts).

@@ -29,33 +29,24 @@ import math
 from typing import Any
 
 from vlcache.export.names import COMPACT_KV, PLUGIN_IDS, POST_VISION_STATS
+from vlcache.runtime.tensorrt_support import TensorRTUnavailableError, import_tensorrt
 
 #: First TensorRT release with ahead-of-time Python plugins (``tensorrt.plugin.aot_impl``).
 MIN_TENSORRT = (10, 9)
 
-
-class TensorRTUnavailableError(RuntimeError):
-    """TensorRT (with ``tensorrt.plugin``) or Triton is missing or too old for the plugins."""
-
-
 _registered: tuple[str, ...] = ()
 
 
-def _import_tensorrt() -> tuple[Any, Any]:
-    try:
-        import tensorrt as trt
-    except ImportError as exc:
-        raise TensorRTUnavailableError(
-            "TensorRT is not installed: the vlcache TensorRT plugins need TensorRT >= "
-            f"{'.'.join(map(str, MIN_TENSORRT))} with its Python plugin API on a GPU host (e.g. an NGC TensorRT "
-            "container). On machines without it use the ONNX Runtime backend."
-        ) from exc
-    version = tuple(int(p) for p in trt.__version__.split(".")[:2] if p.isdigit())
-    if version < MIN_TENSORRT:
-        raise TensorRTUnavailableError(
-            f"TensorRT {trt.__version__} is too old: ahead-of-time Python plugins need >= "
-            f"{'.'.join(map(str, MIN_TENSORRT))}"
-        )
+def import_plugin_api() -> tuple[Any, Any]:
+    """``(tensorrt, tensorrt.plugin)``, imported now, with OpenAI Triton (which compiles the kernels).
+
+    Raises:
+        TensorRTUnavailableError: TensorRT ≥ :data:`MIN_TENSORRT` with ``tensorrt.plugin``, or Triton,
+            is missing (:func:`vlcache.runtime.tensorrt_support.import_tensorrt` says which).
+    """
+    trt = import_tensorrt(
+        needed_by="the vlcache TensorRT plugins (TensorRT's Python plugin API)", min_version=MIN_TENSORRT
+    )
     try:
         import tensorrt.plugin as trtp
     except ImportError as exc:
@@ -101,7 +92,7 @@ def register_tensorrt_plugins(*, arch: int | None = None, ptx_version: int | Non
     global _registered
     if _registered:
         return _registered
-    trt, trtp = _import_tensorrt()
+    trt, trtp = import_plugin_api()
 
     from vlcache_plugins.aot import compile_compact_kv, compile_post_vision_stats
 

@@ -14,13 +14,8 @@ prints). What the backend stage does:
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import shutil
-import tempfile
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -38,20 +33,13 @@ from vlcache.artifact import (
     verify_artifact,
     versions,
 )
+from vlcache.atomic import atomic_dir, check_output_dir
 from vlcache.builder import BuildError
 from vlcache.builder.source import ModelSource, hash_tree, resolve_source
 from vlcache.config import ARTIFACT_FORMAT, BuildConfig
+from vlcache.runtime.tensorrt_support import tensorrt_available
 
 Progress = Callable[[str], None]
-
-
-def tensorrt_available() -> bool:
-    """TensorRT importable and a CUDA device visible to torch."""
-    if importlib.util.find_spec("tensorrt") is None:
-        return False
-    import torch
-
-    return bool(torch.cuda.is_available())
 
 
 def resolve_backend(backend: str) -> str:
@@ -108,13 +96,6 @@ def make_plan(model: str, config: BuildConfig, output: Path, *, explicit: frozen
     except ValueError as e:
         raise BuildError(str(e)) from None
     return Plan(source, config, Path(output))
-
-
-def _check_output(output: Path, force: bool) -> None:
-    if output.exists() and not output.is_dir():
-        raise BuildError(f"--output {output} exists and is not a folder")
-    if output.is_dir() and any(output.iterdir()) and not force:
-        raise BuildError(f"--output {output} exists and is not empty; pass --force to replace it")
 
 
 def _check_model_fits(model: Any, config: BuildConfig) -> int:
@@ -278,38 +259,20 @@ def build_stages(backend: str) -> tuple[tuple[str, Stage], ...]:
     )
 
 
-def _replace_output(tmp: Path, output: Path, force: bool) -> None:
-    """Move the finished ``tmp`` to ``output`` (an old ``output`` goes only once ``tmp`` is in place)."""
-    _check_output(output, force)
-    if output.exists():
-        old = output.parent / f".{output.name}.{uuid.uuid4().hex[:8]}.old"
-        os.replace(output, old)
-        os.replace(tmp, output)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, output)
-
-
 def build(plan: Plan, *, force: bool = False, progress: Progress = print) -> dict[str, Any]:
-    """Run the plan's :func:`build_stages`; returns the manifest. The output appears only when every stage succeeded."""
+    """Run the plan's :func:`build_stages`; returns the manifest. The output appears only when every
+    stage succeeded (:func:`vlcache.atomic.atomic_dir`: the stages write a ``.partial`` folder beside it)."""
     output = plan.output.absolute()
-    _check_output(output, force)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
+    check_output_dir(output, force, error=BuildError)  # before the minutes of work, and again at the swap
     t_start = time.perf_counter()
     todo = build_stages(plan.config.backend)
-    work = _Work(plan, tmp, progress)
-    try:
-        tmp.chmod(0o755)
+    with atomic_dir(output, force=force, error=BuildError, suffix=".partial") as tmp:
+        work = _Work(plan, tmp, progress)
         for i, (name, run_stage) in enumerate(todo, start=1):
             progress(f"[{i}/{len(todo)}] {name} ...")
             t0 = time.perf_counter()
             extra = run_stage(work)
             progress(f"      done in {time.perf_counter() - t0:.1f} s{(' — ' + extra) if extra else ''}")
-        _replace_output(tmp, output, force)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     size = sum(e["bytes"] for e in work.manifest["files"].values())
     progress(f"built {output} ({size / 2**20:.1f} MiB, {time.perf_counter() - t_start:.1f} s)")
     return work.manifest

@@ -22,7 +22,7 @@ from typing import Any
 
 from vlcache.builder import BuildError
 from vlcache.cli import Parser, run_main
-from vlcache.config import BACKENDS, DTYPES, BuildConfig, CompressionConfig
+from vlcache.config import BUILD_BACKENDS, DTYPES, BuildConfig, CompressionConfig
 
 PROG = "vlcache-build"
 
@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         default="llava-tiny",
-        help="a profile alias from builder/ (llava, llava-next, llava-tiny), a HF id in the local cache "
+        help="a profile alias from builder/ (llava, llava-next, llava-tiny, llava-tiny-late), a HF id in the local cache "
         "(org/name), or a local HF checkpoint folder; nothing is downloaded",
     )
     p.add_argument("--output", "-o", type=Path, default=None, help="artifact folder (default: artifacts/<model>)")
@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--backend",
         default=d.backend,
-        choices=BACKENDS,
+        choices=BUILD_BACKENDS,
         help="auto: tensorrt where a GPU and TensorRT exist, else onnx (ONNX Runtime); torch: the HF checkpoint",
     )
     b.add_argument("--dtype", default=None, choices=DTYPES, help=f"graph dtype (profile's, else {d.dtype})")

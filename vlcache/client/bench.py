@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vlcache.cli import parse_budgets
 from vlcache.client.client import DEFAULT_URL, AsyncClient, ClientError, Generation, encode_image
 from vlcache.client.stats import summarize
 
@@ -36,16 +37,6 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 class BenchError(Exception):
     """A usage mistake or an unreachable server (one-line message)."""
-
-
-def parse_budgets(text: str) -> list[float]:
-    try:
-        budgets = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise BenchError(f"--budgets must be comma-separated numbers, got {text!r}") from None
-    if not budgets or any(not 0.0 < b <= 1.0 for b in budgets):
-        raise BenchError(f"--budgets must be fractions in (0, 1], got {text!r}")
-    return budgets
 
 
 def load_workload(images: Path | None, prompt: str | None, count: int) -> list[tuple[bytes, str]]:
@@ -216,7 +207,10 @@ def write_plots(out: Path, summaries: list[dict[str, Any]], records: list[dict[s
 async def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     from tqdm import tqdm
 
-    budgets = parse_budgets(args.budgets)
+    try:
+        budgets = parse_budgets(args.budgets)
+    except ValueError as e:
+        raise BenchError(str(e)) from None
     count = args.requests if args.requests is not None else 64
     workload = load_workload(args.images, args.prompt, count)
     client = AsyncClient(args.url, timeout=args.timeout)

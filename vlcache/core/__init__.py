@@ -1,9 +1,12 @@
 """Pure tensor functions behind every method: no transformers, onnx or tensorrt import here.
 
-Runners (HF, ONNX Runtime, TensorRT) and the plugin kernels are all checked against these.
+Runners (HF, ONNX Runtime, TensorRT) and the plugin kernels are all checked against these. The
+algorithms' defaults (``DEFAULT_THRESHOLD`` p, ``DEFAULT_CHUNK``, ``DEFAULT_PYRAMID_BETA``) are defined
+here, the lowest layer, and read from here by :mod:`vlcache.config`, the export and the plugins.
 """
 
 from vlcache.core.attention import (
+    DEFAULT_CHUNK,
     attention_column_sums,
     group_mean,
     iter_attention_chunks,
@@ -11,6 +14,7 @@ from vlcache.core.attention import (
     visible_counts,
 )
 from vlcache.core.budgets import (
+    DEFAULT_PYRAMID_BETA,
     allocate_budgets,
     check_budget,
     proportional_budgets,
@@ -28,6 +32,8 @@ from vlcache.core.sparsity import (
 )
 
 __all__ = [
+    "DEFAULT_CHUNK",
+    "DEFAULT_PYRAMID_BETA",
     "DEFAULT_THRESHOLD",
     "PostVisionStats",
     "allocate_budgets",

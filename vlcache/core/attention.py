@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import torch
 
+#: Query rows per chunk of the attention statistics (memory, not results).
 DEFAULT_CHUNK = 256
 
 

@@ -19,6 +19,9 @@ from collections.abc import Sequence
 
 import torch
 
+#: PyramidKV's ratio between the mean and the smallest layer budget (the paper's β = 20).
+DEFAULT_PYRAMID_BETA = 20.0
+
 
 def total_budget(budget: float, num_layers: int, prompt_len: int) -> int:
     """``round(budget · L · m)``: the number of KV entries (tokens × layers) kept after prefill."""
@@ -132,7 +135,7 @@ def uniform_budgets(num_layers: int, budget: float, prompt_len: int, min_keep: i
 
 
 def pyramid_budgets(
-    num_layers: int, budget: float, prompt_len: int, min_keep: int = 1, beta: float = 20.0
+    num_layers: int, budget: float, prompt_len: int, min_keep: int = 1, beta: float = DEFAULT_PYRAMID_BETA
 ) -> torch.Tensor:
     """PyramidKV's schedule (Cai et al., 2024, arXiv:2406.02069): budgets fall linearly with depth.
 

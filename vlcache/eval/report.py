@@ -10,21 +10,19 @@ Contract:
 * :func:`format_table` prints accuracy, relative and kv_kept with 3 decimals (``-`` for None).
 * :func:`write_outputs` writes everything into a fresh temporary folder beside ``out`` and renames it
   into place at the end, so a failure leaves nothing half-written; an existing non-empty ``out`` is
-  refused unless ``force`` (then it is replaced only once the new results are complete).
+  refused unless ``force`` (then it is replaced only once the new results are complete):
+  :func:`vlcache.atomic.atomic_dir`.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import os
-import shutil
-import tempfile
-import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from vlcache.atomic import atomic_dir
 from vlcache.eval import EvalError
 from vlcache.eval.runner import REFERENCE, Record
 
@@ -160,41 +158,9 @@ def plot_accuracy(path: Path, rows: Sequence[dict[str, Any]], title: str = "") -
     plt.close(fig)
 
 
-def check_out_dir(out: Path, force: bool) -> None:
-    """EvalError unless ``out`` is absent, an empty folder, or ``force`` allows replacing it."""
-    if out.exists() and not out.is_dir():
-        raise EvalError(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise EvalError(f"--out {out} exists and is not empty; pass --force to replace it")
-
-
-def write_atomically(out: Path, write: Callable[[Path], None], force: bool) -> None:
-    """Run ``write(tmp)`` on a fresh folder beside ``out``, then rename it to ``out``."""
-    out = out.absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        tmp.chmod(0o755)
-        write(tmp)
-        check_out_dir(out, force)
-        if out.exists():
-            old = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.old"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def write_outputs(out: Path, results: dict[str, Any], title: str = "", force: bool = False) -> None:
     """results.json (``results`` as given), results.csv and accuracy.png into ``out``, atomically."""
-
-    def write(folder: Path) -> None:
+    with atomic_dir(out, force=force, name="--out", error=EvalError) as folder:
         (folder / "results.json").write_text(json.dumps(results, indent=1, allow_nan=True) + "\n", encoding="utf-8")
         write_csv(folder / "results.csv", results["results"])
         plot_accuracy(folder / "accuracy.png", results["results"], title)
-
-    write_atomically(out, write, force)

@@ -16,6 +16,16 @@ Contract:
 * Prompts: ``digits`` style is ``tasks.format_prompt(question)`` and the answer is the word after
   ``=``; ``chat`` style uses the processor's chat template when it has one (else
   ``<image>\\n question``) and the whole stripped generation is the answer.
+* Text tasks (``passkey`` style, :func:`evaluate_text_sample`): the prompt is the task's
+  instruction, the sample's context and its question, as one user turn of the tokenizer's chat
+  template when it has one (else the plain text), then the answer prefix; the answer is
+  ``passkey.parse_answer`` of the generation. The context's tokens are the layout's span (what an
+  image is in a VLM prompt), so the question after it is the post-vision window: VL-Cache scores
+  with it, TGV-KV ranks the context by the question's attention. The prompt is prefilled once
+  (:func:`vlcache.hf.capture_prefill`, query rows from the smallest ``query_start`` of the
+  configs' methods) and every config compresses and decodes from that capture
+  (:func:`vlcache.hf.generate_from_prefill`): the tokens ``vlcache.generate`` gives with the same
+  spans, at one prefill per sample instead of one per config.
 """
 
 from __future__ import annotations
@@ -26,7 +36,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from vlcache.config import CompressionConfig
-from vlcache.eval.datasets import EvalSample
+from vlcache.eval.datasets import TEXT_STYLES, EvalSample
 from vlcache.eval.metrics import score
 from vlcache.eval.models import LoadedModel
 
@@ -42,7 +52,8 @@ class Record:
         prediction: the parsed answer; text: the decoded generation (special tokens dropped);
         tokens: the generated token ids. score: in [0, 1] under the sample's metric.
         kv_kept: ``stats.kept_fraction`` (kept prompt KV entries / all); kv_bytes_before / after:
-        the prompt cache's bytes before and after compression. seconds: wall time of this config.
+        the prompt cache's bytes before and after compression. seconds: wall time of this config
+        (text tasks: after the shared prefill: scoring, compaction and decoding).
         followup_*: the same for the follow-up question (follow-up mode only, else None).
     """
 
@@ -105,7 +116,58 @@ def parse_prediction(text: str, style: str) -> str:
         from vlcache.eval.tasks import parse_answer
 
         return parse_answer(text)
+    if style == "passkey":
+        from vlcache.eval import passkey
+
+        return passkey.parse_answer(text)
     return text.strip()
+
+
+_CONTEXT_MARK = "<<vlcache:context>>"
+
+
+def build_text_prompt(tokenizer: Any, sample: EvalSample, style: str) -> tuple[str, tuple[int, int]]:
+    """A text task's prompt and the character span ``[start, end)`` of the sample's context in it."""
+    if style != "passkey":
+        raise ValueError(f"unknown text prompt style {style!r}; text styles: {', '.join(TEXT_STYLES)}")
+    if sample.context is None:
+        raise ValueError(f"sample {sample.index} has no context")
+    from vlcache.eval.passkey import ANSWER_PREFIX, INSTRUCTION
+
+    content = f"{INSTRUCTION}\n\n{_CONTEXT_MARK}\n\n{sample.question}"
+    if getattr(tokenizer, "chat_template", None):
+        conversation = [{"role": "user", "content": content}]
+        rendered = str(tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False))
+        text = rendered + ANSWER_PREFIX
+    else:
+        text = f"{content}\n{ANSWER_PREFIX}"
+    if text.count(_CONTEXT_MARK) != 1:
+        raise ValueError("the tokenizer's chat template does not keep the user message verbatim")
+    start = text.index(_CONTEXT_MARK)
+    return text.replace(_CONTEXT_MARK, sample.context), (start, start + len(sample.context))
+
+
+def encode_text_prompt(tokenizer: Any, sample: EvalSample, style: str) -> tuple[list[int], tuple[int, int]]:
+    """Token ids of :func:`build_text_prompt` and the token span ``[start, end)`` of the context.
+
+    The prompt is tokenised whole (special tokens added only without a chat template, which carries
+    its own); tokens that overlap the context's characters make up its span. Tokenizers without
+    offsets (slow ones) tokenise the text before, in and after the context separately.
+    """
+    text, (c0, c1) = build_text_prompt(tokenizer, sample, style)
+    special = not getattr(tokenizer, "chat_template", None)
+    try:
+        enc = tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
+    except NotImplementedError:
+        before = list(tokenizer(text[:c0], add_special_tokens=special)["input_ids"])
+        inside = list(tokenizer(text[c0:c1], add_special_tokens=False)["input_ids"])
+        after = list(tokenizer(text[c1:], add_special_tokens=False)["input_ids"])
+        return before + inside + after, (len(before), len(before) + len(inside))
+    ids = [int(i) for i in enc["input_ids"]]
+    inside = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > a and a < c1 and b > c0]
+    if not inside:
+        raise ValueError(f"sample {sample.index}: no token of the context found in the tokenised prompt")
+    return ids, (inside[0], inside[-1] + 1)
 
 
 def prepare_inputs(loaded: LoadedModel, sample: EvalSample, style: str) -> dict[str, Any]:
@@ -146,22 +208,7 @@ def evaluate_sample(
             result = vlcache.generate(loaded.model, inputs, config, max_new_tokens=max_new_tokens)
             tokens, stats, f_tokens = result.new_tokens.tolist(), result.stats, None
         seconds = time.perf_counter() - t0
-        text = loaded.tokenizer.decode(tokens, skip_special_tokens=True)
-        prediction = parse_prediction(text, style)
-        record = Record(
-            sample=sample.index,
-            kind=sample.kind,
-            method=config.method,
-            budget=config.budget,
-            prediction=prediction,
-            text=text,
-            tokens=tokens,
-            score=score(sample.metric, prediction, sample.answers),
-            kv_kept=float(stats.kept_fraction),
-            kv_bytes_before=int(stats.kv_bytes_before),
-            kv_bytes_after=int(stats.kv_bytes_after),
-            seconds=seconds,
-        )
+        record = _record(loaded, sample, config, style, tokens, stats, seconds)
         if f_tokens is not None and sample.followup is not None:
             second = sample.followup
             record.followup_kind = second.kind
@@ -171,6 +218,34 @@ def evaluate_sample(
             record.followup_score = score(second.metric, record.followup_prediction, second.answers)
         records.append(record)
     return records
+
+
+def _record(
+    loaded: LoadedModel,
+    sample: EvalSample,
+    config: CompressionConfig,
+    style: str,
+    tokens: list[int],
+    stats: Any,
+    seconds: float,
+) -> Record:
+    """Decode, parse and score one generation."""
+    text = loaded.tokenizer.decode(tokens, skip_special_tokens=True)
+    prediction = parse_prediction(text, style)
+    return Record(
+        sample=sample.index,
+        kind=sample.kind,
+        method=config.method,
+        budget=config.budget,
+        prediction=prediction,
+        text=text,
+        tokens=tokens,
+        score=score(sample.metric, prediction, sample.answers),
+        kv_kept=float(stats.kept_fraction),
+        kv_bytes_before=int(stats.kv_bytes_before),
+        kv_bytes_after=int(stats.kv_bytes_after),
+        seconds=seconds,
+    )
 
 
 def _generate_followup(
@@ -200,3 +275,43 @@ def _generate_followup(
     if session.stats is None:
         raise RuntimeError("the model ran no prefill through its text decoder; is it a supported model?")
     return sequences[0, prompt_len:].tolist(), session.stats, second.tolist()
+
+
+def evaluate_text_sample(
+    loaded: LoadedModel,
+    sample: EvalSample,
+    configs: Sequence[CompressionConfig],
+    *,
+    style: str,
+    max_new_tokens: int,
+) -> tuple[list[Record], dict[str, Any]]:
+    """Answer a text sample under every config from one prefill (see the module docstring).
+
+    Returns the records (in config order) and the sample's facts: ``prompt_tokens``,
+    ``context_span`` (token positions) and ``prefill_seconds``.
+    """
+    import torch
+
+    from vlcache.hf import capture_prefill, generate_from_prefill
+    from vlcache.methods import PromptLayout, get_method
+
+    ids, span = encode_text_prompt(loaded.tokenizer, sample, style)
+    if span[1] >= len(ids):
+        raise ValueError(f"sample {sample.index}: nothing follows the context, so there is no question window")
+    layout = PromptLayout(len(ids), (span,))
+    methods = [get_method(c) for c in configs]
+    query_start = min((m.query_start(layout) for m in methods if m.compresses), default=len(ids) - 1)
+    input_ids = torch.tensor([ids], device=loaded.device)
+    t0 = time.perf_counter()
+    prefill = capture_prefill(loaded.model, {"input_ids": input_ids}, spans=(span,), query_start=query_start)
+    prefill_seconds = time.perf_counter() - t0
+    records = []
+    for config in configs:
+        t0 = time.perf_counter()
+        result = generate_from_prefill(
+            loaded.model, prefill, config, max_new_tokens=max_new_tokens, eos_token_id=loaded.eos_token_id
+        )
+        seconds = time.perf_counter() - t0
+        records.append(_record(loaded, sample, config, style, result.new_tokens.tolist(), result.stats, seconds))
+    info = {"prompt_tokens": len(ids), "context_span": list(span), "prefill_seconds": prefill_seconds}
+    return records, info

@@ -26,6 +26,9 @@ OPSET_VERSION = 1
 
 POST_VISION_STATS = "PostVisionStats"
 COMPACT_KV = "CompactKV"
+#: PostVisionStats' ``scale`` when a node leaves it out: 0, which means 1/√D. (``threshold``'s default
+#: is the reference p, :data:`vlcache.core.DEFAULT_THRESHOLD`.)
+DEFAULT_SCALE = 0.0
 
 #: TensorRT plugin ids ("namespace::name") the graph pass maps the ONNX nodes to.
 PLUGIN_NAMESPACE = "vlcache"

@@ -62,7 +62,7 @@ def _schemas() -> list[defs.OpSchema]:
                 helper.make_attribute("threshold", DEFAULT_THRESHOLD),
                 "p: entries below p * rowmax count as zero",
             ),
-            A("scale", helper.make_attribute("scale", 0.0), "softmax scale; 0 means 1/sqrt(D)"),
+            A("scale", helper.make_attribute("scale", names.DEFAULT_SCALE), "softmax scale; 0 means 1/sqrt(D)"),
         ],
     )
     compact = defs.OpSchema(
@@ -175,7 +175,11 @@ def op_functions(opset: int) -> list[onnx.FunctionProto]:
 
 
 def post_vision_stats_model(
-    opset: int = 17, *, threshold: float = DEFAULT_THRESHOLD, scale: float = 0.0, dtype: int = TensorProto.FLOAT
+    opset: int = 17,
+    *,
+    threshold: float = DEFAULT_THRESHOLD,
+    scale: float = names.DEFAULT_SCALE,
+    dtype: int = TensorProto.FLOAT,
 ) -> onnx.ModelProto:
     """A graph of one ``vlcache.PostVisionStats`` node: inputs ``queries`` (B, H_q, τ, D),
     ``keys`` (B, H_kv, m, D), ``query_start`` () int64; outputs ``scores`` (B, H_kv, m) and

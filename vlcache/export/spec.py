@@ -15,8 +15,11 @@ from typing import Any
 
 from vlcache.export import names
 
-FORMAT = "vlcache-onnx"
-FORMAT_VERSION = 1
+#: ``export.json``'s ``format``: what kind of export directory this is.
+EXPORT_FORMAT_NAME = "vlcache-onnx"
+#: ``export.json``'s ``format_version``: bump when the export's layout or a field's meaning changes
+#: (an artifact's manifest is versioned apart, by :data:`vlcache.config.ARTIFACT_FORMAT`).
+EXPORT_FORMAT_VERSION = 1
 
 
 @dataclass
@@ -55,8 +58,8 @@ class ExportSpec:
     io: dict[str, dict[str, list[str]]]
     engines: dict[str, str] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)
-    format: str = FORMAT
-    format_version: int = FORMAT_VERSION
+    format: str = EXPORT_FORMAT_NAME
+    format_version: int = EXPORT_FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -76,11 +79,11 @@ class ExportSpec:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not valid JSON: {e}") from None
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a {FORMAT} description")
-        if data.get("format_version") != FORMAT_VERSION:
+        if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT_NAME:
+            raise ValueError(f"{path} is not a {EXPORT_FORMAT_NAME} description")
+        if data.get("format_version") != EXPORT_FORMAT_VERSION:
             raise ValueError(
-                f"{path} has format_version {data.get('format_version')}, this vlcache reads {FORMAT_VERSION}; "
+                f"{path} has format_version {data.get('format_version')}, this vlcache reads {EXPORT_FORMAT_VERSION}; "
                 "re-export the model"
             )
         known = {f.name for f in fields(cls)}

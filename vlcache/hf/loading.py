@@ -3,7 +3,7 @@
 Shared by `vlcache-eval`, `vlcache-build` and the serving engines.
 
 Contract:
-* :func:`resolve_model` maps ``llava-tiny`` to the package folder ``vlcache/models/llava-tiny``
+* :func:`resolve_model` maps a bundled name (:data:`BUNDLED`) to its package folder ``vlcache/models/NAME``
   and anything else to a local directory; nothing is ever downloaded (these machines are offline).
 * :func:`load_model` reads ``config.json`` first and accepts only ``model_type`` ``llava``
   (LlavaForConditionalGeneration) and ``llava_next`` (LlavaNextForConditionalGeneration); it loads
@@ -15,14 +15,19 @@ Contract:
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-BUNDLED = ("llava-tiny",)
+from vlcache.config import DTYPES
+
+#: ``llava-tiny`` (question-routed: reads the asked region at prefill, the default) and
+#: ``llava-tiny-late`` (reads the image only while answering: the stress case for query-guided eviction)
+BUNDLED = ("llava-tiny", "llava-tiny-late")
 SUPPORTED_TYPES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration"}
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 class CheckpointError(ValueError):
@@ -34,8 +39,9 @@ class LoadedModel:
     """A model ready for :func:`vlcache.generate`.
 
     Attributes:
-        model: the transformers model (eval mode). processor: its processor.
-        path: the checkpoint folder. model_type: ``llava`` or ``llava_next``.
+        model: the transformers model (eval mode). processor: its processor (a text-only
+        model's: its tokenizer). path: the checkpoint folder. model_type: ``llava`` or
+        ``llava_next`` (a text-only model's own, e.g. ``llama``).
         eos_token_id: the token that ends an answer (None when the checkpoint names none).
     """
 
@@ -47,7 +53,8 @@ class LoadedModel:
 
     @property
     def tokenizer(self) -> Any:
-        return self.processor.tokenizer
+        """The processor's tokenizer (a text-only model's processor is its tokenizer)."""
+        return getattr(self.processor, "tokenizer", self.processor)
 
     @property
     def device(self) -> Any:
@@ -98,40 +105,58 @@ def model_type_of(path: Path) -> str:
     return str(model_type)
 
 
-def load_model(spec: str, *, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
-    """Load ``spec`` (see :func:`resolve_model`) in eval mode on ``device`` with ``dtype``."""
+def check_device(device: str, dtype: str) -> Any:
+    """The ``torch.device`` for ``device`` after checking ``dtype`` is one of :data:`DTYPES` and that
+    a CUDA device asked for exists (CheckpointError otherwise)."""
+    import torch
+
     if dtype not in DTYPES:
         raise CheckpointError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
-    path = resolve_model(spec)
-    model_type = model_type_of(path)
-
-    import torch
-    import transformers
-    from transformers.utils import logging as hf_logging
-
     try:
         torch_device = torch.device(device)
     except RuntimeError as e:
         raise CheckpointError(f"bad --device {device!r}: {e}") from None
     if torch_device.type == "cuda" and not torch.cuda.is_available():
         raise CheckpointError(f"--device {device} asked for, but torch sees no CUDA device")
-    model_cls = getattr(transformers, SUPPORTED_TYPES[model_type])
+    return torch_device
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' warnings and progress bars off inside the block, restored after it."""
+    from transformers.utils import logging as hf_logging
+
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        processor = transformers.AutoProcessor.from_pretrained(path)
-        model = model_cls.from_pretrained(
-            path,
-            dtype=getattr(torch, dtype),
-            attn_implementation={"text_config": "sdpa", "vision_config": "sdpa"},
-        )
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot load the checkpoint in {path}: {str(e).splitlines()[0]}") from None
+        yield
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
+
+
+def load_model(spec: str, *, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
+    """Load ``spec`` (see :func:`resolve_model`) in eval mode on ``device`` with ``dtype``."""
+    torch_device = check_device(device, dtype)
+    path = resolve_model(spec)
+    model_type = model_type_of(path)
+
+    import torch
+    import transformers
+
+    model_cls = getattr(transformers, SUPPORTED_TYPES[model_type])
+    try:
+        with quiet_transformers():
+            processor = transformers.AutoProcessor.from_pretrained(path)
+            model = model_cls.from_pretrained(
+                path,
+                dtype=getattr(torch, dtype),
+                attn_implementation={"text_config": "sdpa", "vision_config": "sdpa"},
+            )
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot load the checkpoint in {path}: {str(e).splitlines()[0]}") from None
     model.to(torch_device).eval()
     tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is None:

@@ -14,15 +14,19 @@ Contract:
   ``position_ids`` the session supplies them (transformers would otherwise use the cache length).
 * One sequence at a time: a compressing method refuses batch size > 1 and padded prompts with a
   ValueError (each prompt's budgets differ, so rows could not share a cache tensor).
+* Layout: the spans are the runs of the model's image token, unless :meth:`VLCache.apply` is given
+  ``spans`` (a text-only LM: the context a trailing question asks about plays the image's role).
+* One prefill, many methods: inside ``apply``, :meth:`VLCache.compress_prefill` takes a prefill
+  captured once (:mod:`vlcache.hf.prefill`) and does what the hooks would have done after running it.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -40,6 +44,9 @@ from vlcache.hf.adapter import (
 )
 from vlcache.hf.attention import ragged_name
 from vlcache.methods import DecodePolicy, LayerInput, LayerScore, PromptLayout, get_method
+
+if TYPE_CHECKING:
+    from vlcache.hf.prefill import CapturedPrefill
 
 
 @dataclass
@@ -91,6 +98,8 @@ class _State:
         self.scoring_seconds = 0.0
         self.seen = 0  # tokens the sequence has seen: the next position
         self.compacted = False
+        self.spans: tuple[tuple[int, int], ...] | None = None  # given by the caller (text-only LMs)
+        self.num_layers = 0
 
 
 class VLCache:
@@ -111,12 +120,23 @@ class VLCache:
         self.history: list[CompressionStats] = []
         #: per layer, the (B, H_kv, k) prompt positions kept by the last prefill (None: all kept)
         self.kept_indices: list[torch.Tensor | None] = []
+        self._state: _State | None = None  # while apply() is active
 
     @contextmanager
-    def apply(self, model: nn.Module) -> Iterator[VLCache]:
+    def apply(self, model: nn.Module, spans: Sequence[tuple[int, int]] | None = None) -> Iterator[VLCache]:
+        """Compress every prefill ``model`` runs inside the block.
+
+        Args:
+            spans: half-open ``(start, end)`` prompt spans that play the image's role; None finds
+                them through the model's image token (none for a text-only model). For a text-only
+                LM, the context a trailing question asks about: the question is then the
+                post-vision window.
+        """
         stack = decoder_stack(model)
         attns = attention_modules(stack)
         state = _State()
+        state.spans = None if spans is None else tuple((int(s), int(e)) for s, e in spans)
+        state.num_layers = len(attns)
         image_token = image_token_id(model)
         handles = [
             model.register_forward_pre_hook(self._capture_inputs(state), with_kwargs=True),
@@ -131,11 +151,56 @@ class VLCache:
                 handles += [
                     a.register_forward_hook(self._layer_hook(state, len(attns)), with_kwargs=True) for a in attns
                 ]
+            self._state = state
             yield self
         finally:
+            self._state = None
             for h in handles:
                 h.remove()
             text_cfg._attn_implementation = original_impl
+
+    def compress_prefill(self, prefill: CapturedPrefill) -> Any:
+        """Inside :meth:`apply`: compress a captured prefill as if the model had just run it here.
+
+        Returns a new ``DynamicCache`` holding the prompt's keys and values, scored from the captured
+        query rows, allocated, compacted and with :attr:`stats` recorded as after a prefill, and the
+        decode policy (TGV-KV) armed. Decode on it with explicit positions from ``prefill.prompt_len``
+        (:func:`vlcache.hf.continuation.continue_greedy`). Scores are memoised in ``prefill`` per
+        method setting, so every budget of a method scores once.
+        """
+        from transformers import DynamicCache
+
+        state = self._state
+        if state is None:
+            raise RuntimeError("compress_prefill runs inside `with session.apply(model):`")
+        if prefill.num_layers != state.num_layers:
+            raise ValueError(f"the prefill has {prefill.num_layers} layers, the model {state.num_layers}")
+        cache = DynamicCache()
+        for i in range(prefill.num_layers):
+            cache.update(prefill.keys[i], prefill.values[i], i)
+        state.layout = prefill.layout
+        state.seen = prefill.prompt_len
+        state.compacted = False
+        state.cache = cache
+        state.policy = None
+        state.scoring_seconds = 0.0
+        state.scores = {}
+        if self.method.compresses:
+            t0 = time.perf_counter()
+            key = replace(self.config, budget=1.0)
+            scores = prefill.scores.get(key)
+            if scores is None:
+                start = self.method.query_start(prefill.layout)
+                with torch.no_grad():
+                    scores = [
+                        self.method.score(prefill.layer_input(i, start), prefill.layout)
+                        for i in range(prefill.num_layers)
+                    ]
+                prefill.scores[key] = scores
+            state.scores = dict(enumerate(scores))
+            state.scoring_seconds = time.perf_counter() - t0
+        self._compress(state, state.num_layers)
+        return cache
 
     # --- hooks -------------------------------------------------------------------------------
     def _capture_inputs(self, state: _State):  # type: ignore[no-untyped-def]
@@ -176,9 +241,12 @@ class VLCache:
                 if state.attention_mask is not None and not bool(state.attention_mask.all()):
                     raise ValueError("vlcache does not support padded prompts; pass the prompt without padding")
             ids_full = state.input_ids
-            spans = (
-                find_image_spans(ids_full[0], image_token) if ids_full is not None and ids_full.shape[-1] == m else ()
-            )
+            if state.spans is not None:
+                spans = state.spans
+            elif ids_full is not None and ids_full.shape[-1] == m:
+                spans = find_image_spans(ids_full[0], image_token)
+            else:
+                spans = ()
             state.layout = PromptLayout(m, spans)
             state.seen = m
             state.compacted = False
@@ -228,52 +296,56 @@ class VLCache:
         return hook
 
     def _finish(self, state: _State, num_layers: int):  # type: ignore[no-untyped-def]
-        method = self.method
-
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             if not state.prefill or state.layout is None:
                 return
             state.prefill = False
-            cache = state.cache
-            layout = state.layout
-            before = cache_nbytes(cache)
-            t0 = time.perf_counter()
-            m = layout.prompt_len
-            weights: list[float | None] = []
-            self.kept_indices = [None] * len(cache.layers)
-            if method.compresses:
-                weights = [state.scores[i].weight for i in range(num_layers)]
-                budgets = method.allocate(weights, layout)
-                policy = method.decode_policy(budgets, layout)
-                with torch.no_grad():
-                    for i, layer in enumerate(cache.layers):
-                        k = int(budgets[i])
-                        if k >= m:
-                            continue
-                        kept = method.select(state.scores[i].scores, k, layout)
-                        layer.keys = compact(layer.keys, kept)
-                        layer.values = compact(layer.values, kept)
-                        self.kept_indices[i] = kept
-                        state.compacted = True
-                        if policy is not None and hasattr(policy, "set_protected"):
-                            policy.set_protected(i, kept)
-                state.policy = policy
-                state.scores = {}
-            kept_per_layer = [int(layer.keys.shape[2]) for layer in cache.layers]
-            self.stats = CompressionStats(
-                method=self.config.method,
-                budget=self.config.budget,
-                prompt_tokens=m,
-                image_tokens=layout.num_image_tokens,
-                kept_per_layer=kept_per_layer,
-                kv_bytes_before=before,
-                kv_bytes_after=cache_nbytes(cache),
-                scoring_seconds=state.scoring_seconds + time.perf_counter() - t0,
-                layer_weights=weights,
-            )
-            self.history.append(self.stats)
+            self._compress(state, num_layers)
 
         return hook
+
+    def _compress(self, state: _State, num_layers: int) -> None:
+        """After a prefill: allocate, select, compact every layer of ``state.cache``, record the stats."""
+        method = self.method
+        cache = state.cache
+        layout = state.layout
+        assert layout is not None
+        before = cache_nbytes(cache)
+        t0 = time.perf_counter()
+        m = layout.prompt_len
+        weights: list[float | None] = []
+        self.kept_indices = [None] * len(cache.layers)
+        if method.compresses:
+            weights = [state.scores[i].weight for i in range(num_layers)]
+            budgets = method.allocate(weights, layout)
+            policy = method.decode_policy(budgets, layout)
+            with torch.no_grad():
+                for i, layer in enumerate(cache.layers):
+                    k = int(budgets[i])
+                    if k >= m:
+                        continue
+                    kept = method.select(state.scores[i].scores, k, layout)
+                    layer.keys = compact(layer.keys, kept)
+                    layer.values = compact(layer.values, kept)
+                    self.kept_indices[i] = kept
+                    state.compacted = True
+                    if policy is not None and hasattr(policy, "set_protected"):
+                        policy.set_protected(i, kept)
+            state.policy = policy
+            state.scores = {}
+        kept_per_layer = [int(layer.keys.shape[2]) for layer in cache.layers]
+        self.stats = CompressionStats(
+            method=self.config.method,
+            budget=self.config.budget,
+            prompt_tokens=m,
+            image_tokens=layout.num_image_tokens,
+            kept_per_layer=kept_per_layer,
+            kv_bytes_before=before,
+            kv_bytes_after=cache_nbytes(cache),
+            scoring_seconds=state.scoring_seconds + time.perf_counter() - t0,
+            layer_weights=weights,
+        )
+        self.history.append(self.stats)
 
 
 def _single_query_attention(q: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:

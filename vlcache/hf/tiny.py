@@ -1,4 +1,4 @@
-"""Tiny random LLaVA-1.5 and LLaVA-NeXT models built offline from configs (tests, demo, CI).
+"""Tiny random LLaVA-1.5, LLaVA-NeXT and Llama models built offline from configs (tests, demo, CI).
 
 Random weights: the outputs mean nothing, but every code path (vision tower, projector, image
 token merge, GQA Llama decoder, generate) is the real transformers one.
@@ -10,6 +10,7 @@ import torch
 from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
+    LlamaForCausalLM,
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaNextConfig,
@@ -20,14 +21,14 @@ IMAGE_TOKEN = 120
 VOCAB = 128
 
 
-def _text_config(layers: int) -> LlamaConfig:
+def _text_config(layers: int, vocab_size: int = VOCAB) -> LlamaConfig:
     cfg = LlamaConfig(
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        vocab_size=VOCAB,
+        vocab_size=vocab_size,
         max_position_embeddings=2048,
         bos_token_id=1,
         eos_token_id=2,
@@ -79,6 +80,14 @@ def tiny_llava_next(seed: int = 0, layers: int = 4, attn: str = "sdpa") -> Llava
     )
     model = LlavaNextForConditionalGeneration(cfg).eval()
     model.set_attn_implementation({"text_config": attn, "vision_config": "sdpa"})
+    return model
+
+
+def tiny_llama(seed: int = 0, layers: int = 4, attn: str = "sdpa", vocab_size: int = VOCAB) -> LlamaForCausalLM:
+    """A text-only Llama (GQA 4/2, hidden 64) for text tasks; tokens 0, 1, 2 are pad, bos, eos."""
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(_text_config(layers, vocab_size)).eval()
+    model.set_attn_implementation(attn)
     return model
 
 

@@ -117,8 +117,10 @@ class Method:
         """First prompt position whose query :meth:`score` needs (m: no queries)."""
         return layout.prompt_len
 
-    def score(self, inp: LayerInput, layout: PromptLayout) -> LayerScore:  # pragma: no cover
-        raise NotImplementedError
+    def score(self, inp: LayerInput, layout: PromptLayout) -> LayerScore:
+        """Per-key scores of one layer (and its weight for the allocator). Required when ``compresses``."""
+        why = "it does not compress, so nothing scores it" if not self.compresses else "a subclass must implement it"
+        raise NotImplementedError(f"method {self.name!r} has no score(): {why}")
 
     def allocate(self, weights: Sequence[float | None], layout: PromptLayout) -> torch.Tensor:
         """(L,) tokens kept per layer. Default: uniform."""
@@ -156,7 +158,18 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
-_LISTING_ORDER = ("vlcache", "vlcache-uniform", "vlcache-nowindow", "tgvkv", "snapkv", "pyramidkv", "h2o", "streaming", "random", "full")
+_LISTING_ORDER = (
+    "vlcache",
+    "vlcache-uniform",
+    "vlcache-nowindow",
+    "tgvkv",
+    "snapkv",
+    "pyramidkv",
+    "h2o",
+    "streaming",
+    "random",
+    "full",
+)
 
 
 def available() -> list[str]:

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from vlcache.config import RUNTIME_BACKENDS
 from vlcache.export.spec import ExportSpec
 from vlcache.runtime.base import Runner
-
-BACKENDS = ("auto", "onnx", "tensorrt")
 
 
 def load_runtime(directory: str | Path, backend: str = "auto", **options: Any) -> Runner:
@@ -20,11 +19,11 @@ def load_runtime(directory: str | Path, backend: str = "auto", **options: Any) -
             ``auto``: tensorrt where engines, TensorRT and a CUDA device all exist, else onnx.
         **options: passed to the runner (``threads=``, ``providers=`` for onnx; ``device=`` for tensorrt).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend not in RUNTIME_BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(RUNTIME_BACKENDS)}, got {backend!r}")
     spec = ExportSpec.load(directory)
     if backend == "auto":
-        from vlcache.runtime.tensorrt_runner import tensorrt_available
+        from vlcache.runtime.tensorrt_support import tensorrt_available
 
         backend = "tensorrt" if spec.engines and tensorrt_available() else "onnx"
     if backend == "tensorrt":

@@ -9,8 +9,9 @@ Scoring and compaction default to :mod:`vlcache.core` on the CUDA tensors (the f
 are the TensorRT build's business).
 
 Engines are listed in ``export.json`` under ``engines`` (role -> file: ``vision``, ``embed``,
-``decoder``), with the ONNX graphs' tensor names. ``tensorrt`` is imported when a runner is built;
-without it (or without a CUDA device) construction raises a clear error.
+``decoder``), with the ONNX graphs' tensor names. ``tensorrt`` is imported when a runner is built
+(:func:`vlcache.runtime.tensorrt_support.import_tensorrt`); without it (or without a CUDA device)
+construction raises a clear error.
 """
 
 from __future__ import annotations
@@ -24,24 +25,7 @@ import torch
 from vlcache.export import names
 from vlcache.export.spec import ExportSpec
 from vlcache.runtime.base import Cache, Handle, Runner, StepOutput
-
-
-def tensorrt_available() -> bool:
-    """True when ``tensorrt`` imports and a CUDA device is visible."""
-    import importlib.util
-
-    return importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
-
-
-def _import_tensorrt() -> Any:
-    try:
-        import tensorrt
-    except ImportError as e:
-        raise RuntimeError(
-            "the tensorrt backend needs NVIDIA TensorRT (pip install tensorrt on a machine with a CUDA GPU, "
-            "or an NGC TensorRT container); it is not installed here. Use backend='onnx' on CPU."
-        ) from e
-    return tensorrt
+from vlcache.runtime.tensorrt_support import import_tensorrt
 
 
 class TensorRTRunner(Runner):
@@ -51,7 +35,7 @@ class TensorRTRunner(Runner):
 
     def __init__(self, directory: str | Path, spec: ExportSpec | None = None, *, device: str = "cuda") -> None:
         super().__init__(directory, spec or ExportSpec.load(directory))
-        trt = _import_tensorrt()
+        trt = import_tensorrt(needed_by="the tensorrt backend")
         if not torch.cuda.is_available():
             raise RuntimeError("the tensorrt backend needs a CUDA GPU; none is visible. Use backend='onnx'.")
         missing = [r for r in ("embed", "decoder") if r not in self.spec.engines]

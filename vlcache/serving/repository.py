@@ -12,7 +12,7 @@ Contract of :func:`render_repository`:
 * ``device`` defaults to ``cuda`` for the ``tensorrt`` backend (instances ``KIND_GPU``) and to
   ``cpu`` otherwise (``KIND_CPU``).
 * The result replaces ``out`` as a whole only when rendering succeeded (written next to it, then
-  renamed); returns ``out``.
+  renamed: :func:`vlcache.atomic.atomic_dir`); returns ``out``.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from __future__ import annotations
 import os
 import shutil
 import string
-import tempfile
 from pathlib import Path
 
 from vlcache.artifact import read_manifest
+from vlcache.atomic import atomic_dir
 from vlcache.serving import protocol
 
 #: inside the package (a wheel's copy; in a checkout a symlink to the top-level folder)
@@ -117,9 +117,7 @@ def render_repository(
         "device": device,
     }
     source = templates_dir()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    with atomic_dir(target, force=True, name="out", error=RenderError) as staging:
         for path in sorted(source.rglob("*")):
             rel = path.relative_to(source)
             if path.is_dir() or "__pycache__" in rel.parts:
@@ -132,10 +130,4 @@ def render_repository(
                 )
             else:
                 shutil.copyfile(path, dest)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
