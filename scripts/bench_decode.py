@@ -54,7 +54,7 @@ from _timing import median_ms, round_robin
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from vlcache.cli import parse_budgets
-from vlcache.config import DTYPES, CompressionConfig
+from vlcache.config import DTYPES, CompressionConfig, settings_read_by
 from vlcache.hf.adapter import cache_nbytes
 from vlcache.hf.session import CompressionStats, VLCache
 from vlcache.methods import Method
@@ -277,7 +277,8 @@ def bench_context(model: LlamaForCausalLM, args: argparse.Namespace, m: int, wei
     ids = torch.randint(0, model.config.vocab_size, (1, m), generator=gen)
     qw = args.query_window or None
     runs = [Run(1.0, None)] + [
-        Run(b, VLCache(CompressionConfig(method=args.method, budget=b, query_window=qw))) for b in args.budgets
+        Run(b, VLCache(CompressionConfig.create(args.method, b, **settings_read_by(args.method, {"query_window": qw}))))
+        for b in args.budgets
     ]
     # Prefill: interleaved rounds (plain, then each budget); the last round's caches are decoded.
     # A method with a decode policy decodes right after its last prefill, inside the same session.
@@ -360,7 +361,9 @@ def warm_up(model: LlamaForCausalLM, args: argparse.Namespace) -> None:
     m = min(256, min(args.contexts))
     ids = torch.randint(0, model.config.vocab_size, (1, m), generator=torch.Generator().manual_seed(args.seed))
     qw = args.query_window or None
-    config = CompressionConfig(method=args.method, budget=args.budgets[0], query_window=qw)
+    config = CompressionConfig.create(
+        args.method, args.budgets[0], **settings_read_by(args.method, {"query_window": qw})
+    )
     runs = [Run(1.0, None), Run(args.budgets[0], VLCache(config))]
     for _ in range(1 if args.quick else 2):
         for run in runs:

@@ -1,4 +1,5 @@
-"""ONNX Runtime vs torch: prefill time, decode ms/token and KV bytes on the same LLaVA and context.
+"""ONNX Runtime (fused and standard decoder graphs) vs torch: prefill time, decode ms/token and KV
+bytes on the same LLaVA and context.
 
 What it measures, in one process, on one ``LlavaForConditionalGeneration`` with random weights
 (Llama-shaped language model, a small CLIP tower; fp32) and one prompt laid out as
@@ -7,18 +8,24 @@ What it measures, in one process, on one ``LlavaForConditionalGeneration`` with 
 * **torch**: the transformers model with ``vlcache.VLCache(...).apply(model)`` (the torch backend of
   ``vlcache.generate``): prefill with scoring and compaction, then greedy decode with explicit
   positions on the session's compacted ``DynamicCache``.
-* **onnx**: the graphs written by ``vlcache.export.export_llava``, run by
-  ``vlcache.runtime.OnnxRunner`` (ONNX Runtime, CPU) through ``vlcache.runtime.prefill`` and
-  ``GenerationState.step`` — the same loop ``vlcache.runtime.generate`` uses.
+* **onnx-fused**: the graphs of ``vlcache.export.export_llava(attention="fused")`` (the default:
+  ONNX Runtime's ``com.microsoft.GroupQueryAttention``, KV buffers preallocated per request and
+  written in place), run by ``vlcache.runtime.OnnxRunner`` (ONNX Runtime, CPU) through
+  ``vlcache.runtime.prefill`` and ``GenerationState.step`` — the loop ``vlcache.runtime.generate`` uses.
+* **onnx-standard**: the same with ``attention="standard"`` (standard ops: Concat-appended KV,
+  MatMul→Softmax→MatMul; what TensorRT builds from).
 
-For each budget α (method ``vlcache``; α = 1.0 scores but keeps everything) both backends prefill
-the same prompt, then decode **side by side**: step by step in round-robin order after
-``--warmup`` steps, so CPU noise from other processes hits them alike. Reported per backend and
-budget: prefill seconds (image encoding + prompt pass, scoring excluded), scoring seconds (scoring,
-allocation and compaction), median decode ms/token, and KV bytes before / after compaction.
-The two backends' greedy tokens are compared as a sanity check (they should agree).
+For each budget α (method ``vlcache``; α = 1.0 scores but keeps everything) every backend prefills
+the same prompt (``--prefill-repeats`` times, alternating, median reported), then they decode **side
+by side**: step by step in round-robin order after ``--warmup`` steps, so CPU noise from other
+processes hits them alike. Reported per backend and budget: prefill seconds (image encoding + prompt
+pass, scoring excluded), scoring seconds (scoring, allocation and compaction), median decode
+ms/token, KV bytes before / after compaction (valid entries) and reserved (what the cache's buffers
+hold for the decode: the fused runner's capacity k_l + new tokens; exact tensors otherwise), and
+speed ratios against torch and fused against standard. Each ONNX backend's greedy tokens are
+compared with torch's as a sanity check (they should agree).
 
-Both backends get the same number of intra-op threads (``--threads``; torch.set_num_threads and
+All backends get the same number of intra-op threads (``--threads``; torch.set_num_threads and
 ONNX Runtime's intra_op_num_threads). Ends stdout with one JSON line.
 
     .venv/bin/python scripts/bench_runtime.py --quick     # smoke test, under a minute
@@ -68,6 +75,8 @@ QUICK_RUN = {
 #: The image token id of the benchmark's random LLaVA: LLaVA-1.5's last vocabulary id, taken modulo
 #: ``--vocab`` (not :data:`vlcache.hf.tiny.IMAGE_TOKEN`, the tiny test model's).
 RANDOM_LLAVA_IMAGE_TOKEN_ID = 31999
+#: what runs: torch, and the ONNX Runtime runner on each decoder graph (``onnx-<attention>``)
+BACKENDS = ("torch", "onnx-standard", "onnx-fused")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -100,7 +109,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--prefill-repeats", type=int, default=2, help="prefills per backend and budget (alternating); median reported"
     )
-    p.add_argument("--threads", type=int, default=1, help="intra-op threads for both backends")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads for every backend")
+    p.add_argument("--backends", default=",".join(BACKENDS), help=f"comma-separated subset of {', '.join(BACKENDS)}")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     base = QUICK_RUN if args.quick else FULL_RUN
@@ -118,6 +128,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if args.threads < 1 or args.prefill_repeats < 1:
         p.error("--threads and --prefill-repeats must be >= 1")
+    args.backend_list = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = sorted(set(args.backend_list) - set(BACKENDS))
+    if unknown or not args.backend_list or len(set(args.backend_list)) != len(args.backend_list):
+        p.error(f"--backends takes distinct names among {', '.join(BACKENDS)}, got {args.backends!r}")
     return args
 
 
@@ -195,6 +209,7 @@ class TorchRun:
         self.scoring = stats.scoring_seconds
         self.prefill = total - self.scoring
         self.kv_before, self.kv_after = stats.kv_bytes_before, stats.kv_bytes_after
+        self.kv_reserved = stats.kv_bytes_after  # a DynamicCache holds exactly its entries
         self.kept = stats.kept_per_layer
         self.token = int(out.logits[0, -1].argmax())
         self.position = inputs["input_ids"].shape[1]
@@ -230,6 +245,7 @@ class OnnxRun:
         s = self.state.stats
         self.prefill, self.scoring = s.prefill_seconds, s.scoring_seconds
         self.kv_before, self.kv_after, self.kept = s.kv_bytes_before, s.kv_bytes_after, s.kept_per_layer
+        self.kv_reserved = s.kv_bytes_reserved
         self.token = self.state.greedy()
         self.tokens = [self.token]
 
@@ -244,6 +260,10 @@ class OnnxRun:
         pass
 
 
+def _ratio(num: float, den: float) -> float:
+    return num / den if den else float("nan")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -255,41 +275,52 @@ def main(argv: list[str] | None = None) -> int:
     inputs = build_inputs(model, args)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     m = inputs["input_ids"].shape[1]
+    backends = args.backend_list
     print(
         f"model: LLaVA, LM hidden {args.hidden} x {args.layers} layers, {args.heads} heads / {args.kv_heads} KV heads, "
         f"vocab {args.vocab}, {weights / 2**20:.0f} MiB fp32; prompt {m} tokens "
-        f"({model.config.image_seq_length} image, {args.question} question); threads {args.threads}",
+        f"({model.config.image_seq_length} image, {args.question} question); threads {args.threads}; "
+        f"backends {', '.join(backends)}",
         flush=True,
     )
     results: list[dict[str, Any]] = []
+    export_seconds: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="vlcache-bench-") as tmp:
-        te = time.perf_counter()
-        export_llava(model, tmp, max_input_len=m + args.warmup + args.decode_steps + 8)
-        export_seconds = time.perf_counter() - te
-        print(f"exported in {export_seconds:.1f} s", flush=True)
-        runner = OnnxRunner(tmp, threads=args.threads)
+        runners: dict[str, Any] = {}
+        for backend in backends:
+            if not backend.startswith("onnx-"):
+                continue
+            attention = backend.removeprefix("onnx-")
+            te = time.perf_counter()
+            folder = f"{tmp}/{attention}"
+            export_llava(model, folder, max_input_len=m + args.warmup + args.decode_steps + 8, attention=attention)
+            export_seconds[backend] = time.perf_counter() - te
+            print(f"exported the {attention} graphs in {export_seconds[backend]:.1f} s", flush=True)
+            runners[backend] = OnnxRunner(folder, threads=args.threads)
         total = args.warmup + args.decode_steps
         for budget in args.budget_list:
             cfg = CompressionConfig(method="vlcache", budget=budget)
             runs: dict[str, Any] = {}
-            prefills: dict[str, list[float]] = {"torch": [], "onnx": []}
-            scorings: dict[str, list[float]] = {"torch": [], "onnx": []}
-            for repeat in range(args.prefill_repeats):  # alternating; the last pair decodes
+            prefills: dict[str, list[float]] = {b: [] for b in backends}
+            scorings: dict[str, list[float]] = {b: [] for b in backends}
+            for repeat in range(args.prefill_repeats):  # alternating; the last set decodes
                 if "torch" in runs:
                     runs["torch"].close()
-                runs = {"torch": TorchRun(model, inputs, cfg), "onnx": OnnxRun(runner, inputs, cfg, total + 1)}
-                for backend, run in runs.items():
-                    prefills[backend].append(run.prefill)
-                    scorings[backend].append(run.scoring)
-                print(
-                    f"  α={budget} prefill {repeat + 1}: torch {runs['torch'].prefill:.2f} s, onnx {runs['onnx'].prefill:.2f} s",
-                    flush=True,
-                )
-            try:  # round-robin: noise hits both alike
+                runs = {}
+                for backend in backends:
+                    if backend == "torch":
+                        runs[backend] = TorchRun(model, inputs, cfg)
+                    else:
+                        runs[backend] = OnnxRun(runners[backend], inputs, cfg, total + 1)
+                    prefills[backend].append(runs[backend].prefill)
+                    scorings[backend].append(runs[backend].scoring)
+                line = ", ".join(f"{b} {runs[b].prefill:.2f} s" for b in backends)
+                print(f"  α={budget} prefill {repeat + 1}: {line}", flush=True)
+            try:  # round-robin: noise hits every backend alike
                 decode = round_robin({name: run.step for name, run in runs.items()}, args.decode_steps, args.warmup)
             finally:
-                runs["torch"].close()
-            agree = runs["torch"].tokens == runs["onnx"].tokens
+                if "torch" in runs:
+                    runs["torch"].close()
             for backend, run in runs.items():
                 results.append(
                     {
@@ -302,27 +333,53 @@ def main(argv: list[str] | None = None) -> int:
                         "decode_ms_all": [1000.0 * s for s in decode[backend]],
                         "kv_bytes_before": run.kv_before,
                         "kv_bytes_after": run.kv_after,
+                        "kv_bytes_reserved": run.kv_reserved,
                         "kept_per_layer": run.kept,
-                        "tokens_agree": agree,
+                        "tokens_agree_with_torch": run.tokens == runs["torch"].tokens if "torch" in runs else None,
                     }
                 )
             del runs
             gc.collect()
-        runner.close()
+        for runner in runners.values():
+            runner.close()
 
     by = {(r["backend"], r["budget"]): r for r in results}
+    for r in results:  # speed ratios (> 1: faster than the reference)
+        torch_r = by.get(("torch", r["budget"]))
+        std_r = by.get(("onnx-standard", r["budget"]))
+        if torch_r is not None:
+            r["prefill_speed_vs_torch"] = _ratio(torch_r["prefill_s"], r["prefill_s"])
+            r["decode_speed_vs_torch"] = _ratio(torch_r["decode_ms_per_token"], r["decode_ms_per_token"])
+        if std_r is not None and r["backend"] == "onnx-fused":
+            r["prefill_speed_vs_standard"] = _ratio(std_r["prefill_s"], r["prefill_s"])
+            r["decode_speed_vs_standard"] = _ratio(std_r["decode_ms_per_token"], r["decode_ms_per_token"])
     print()
-    header = f"{'budget':>6} {'backend':>7} {'prefill s':>9} {'scoring s':>9} {'decode ms/tok':>13} {'ORT/torch speed':>15} {'KV MB before':>12} {'KV MB after':>11} {'tokens agree':>12}"
+    header = (
+        f"{'budget':>6} {'backend':>13} {'prefill s':>9} {'scoring s':>9} {'decode ms/tok':>13} "
+        f"{'prefill vs torch':>16} {'decode vs torch':>15} {'KV MB before':>12} {'KV MB after':>11} "
+        f"{'KV MB reserved':>14} {'tokens = torch':>14}"
+    )
     print(header)
     print("-" * len(header))
+
+    def speed(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}x"
+
     for budget in args.budget_list:
-        for backend in ("torch", "onnx"):
+        for backend in backends:
             r = by[(backend, budget)]
-            speed = by[("torch", budget)]["decode_ms_per_token"] / r["decode_ms_per_token"]
-            r["decode_speed_vs_torch"] = speed
             print(
-                f"{budget:>6.2f} {backend:>7} {r['prefill_s']:>9.2f} {r['scoring_s']:>9.3f} {r['decode_ms_per_token']:>13.1f} "
-                f"{speed:>14.2f}x {r['kv_bytes_before'] / 1e6:>12.1f} {r['kv_bytes_after'] / 1e6:>11.1f} {str(r['tokens_agree']):>12}"
+                f"{budget:>6.2f} {backend:>13} {r['prefill_s']:>9.2f} {r['scoring_s']:>9.3f} "
+                f"{r['decode_ms_per_token']:>13.1f} {speed(r.get('prefill_speed_vs_torch')):>16} "
+                f"{speed(r.get('decode_speed_vs_torch')):>15} {r['kv_bytes_before'] / 1e6:>12.1f} "
+                f"{r['kv_bytes_after'] / 1e6:>11.1f} {r['kv_bytes_reserved'] / 1e6:>14.1f} "
+                f"{str(r['tokens_agree_with_torch']):>14}"
+            )
+        fused = by.get(("onnx-fused", budget))
+        if fused is not None and "prefill_speed_vs_standard" in fused:
+            print(
+                f"{'':>6} fused vs standard: prefill {fused['prefill_speed_vs_standard']:.2f}x, "
+                f"decode {fused['decode_speed_vs_standard']:.2f}x"
             )
     summary = {
         "model": {
@@ -336,9 +393,11 @@ def main(argv: list[str] | None = None) -> int:
             "image_tokens": model.config.image_seq_length,
             "question_tokens": args.question,
         },
+        "backends": backends,
         "threads": args.threads,
         "decode_steps": args.decode_steps,
         "warmup": args.warmup,
+        "prefill_repeats": args.prefill_repeats,
         "export_seconds": export_seconds,
         "wall_seconds": time.perf_counter() - t0,
         "versions": {

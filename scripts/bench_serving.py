@@ -7,9 +7,9 @@ For each model asked for (``--models``):
   exactly ``--long-max-tokens``), written to ``OUT/long/hf`` unless it is there already; built with
   ``vlcache-build --backend onnx``; its benchmark images are 448² PNG scenes (``OUT/long/images``).
 * ``tiny``: the bundled ``llava-tiny`` (``vlcache/models/llava-tiny``) when it exists, else a random
-  checkpoint of the same format and size built offline with ``scripts/train_tiny_llava.py``'s own
-  ``build_processor`` / ``build_model`` (said so in the output); the digits task's scenes and
-  questions are the workload.
+  checkpoint of the same format and size built offline with :mod:`vlcache.hf.tiny`'s
+  ``bundled_processor`` / ``bundled_llava`` (what ``scripts/train_tiny_llava.py`` trains; said so in
+  the output); the digits task's scenes and questions are the workload.
 
 Then, per model: ``vlcache-serve ARTIFACT --grpc-port P --instances N`` in the background (waited
 for until it prints ``ready``), one small unmeasured warm-up request per budget, then
@@ -115,7 +115,7 @@ def prepare_long(out: Path, commands: list[str], force: bool) -> tuple[Path, lis
         run([sys.executable, "scripts/make_long_context_llava.py", "--out", str(hf), "--no-eos",
              "--images", str(images), "--num-images", "8"], commands)  # fmt: skip
     run([str(BIN / "vlcache-build"), "--model", str(hf), "--backend", "onnx", "--max-input-len", "8192",
-         "--output", str(artifact), "--force"], commands)  # fmt: skip
+         "--out", str(artifact), "--force"], commands)  # fmt: skip
     return artifact, ["--images", str(images), "--prompt", LONG_PROMPT]
 
 
@@ -131,26 +131,21 @@ def prepare_tiny(out: Path, commands: list[str]) -> tuple[Path, list[str], str]:
         what = "a random-weight checkpoint in the llava-tiny format and size (vlcache/models/llava-tiny is missing)"
         write_random_tiny(Path(model))
         commands.append(f"# {what}: scripts/bench_serving.py write_random_tiny({model})")
-    run([str(BIN / "vlcache-build"), "--model", model, "--backend", "onnx", "--output", str(artifact), "--force"],
+    run([str(BIN / "vlcache-build"), "--model", model, "--backend", "onnx", "--out", str(artifact), "--force"],
         commands)  # fmt: skip
     return artifact, [], what
 
 
 def write_random_tiny(out: Path) -> None:
     """llava-tiny's format and size (CLIP 4 × 128, Llama 4 × 128) with seeded random weights."""
-    import importlib.util
-    import types
-
     import torch
 
-    spec = importlib.util.spec_from_file_location("train_tiny_llava", REPO / "scripts" / "train_tiny_llava.py")
-    assert spec is not None and spec.loader is not None
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    from vlcache.eval.tasks import IMAGE_SIZE, vocabulary
+    from vlcache.hf.tiny import bundled_llava, bundled_processor
+
     torch.manual_seed(0)
-    processor = script.build_processor()
-    size = types.SimpleNamespace(vision_hidden=128, vision_layers=4, hidden=128, layers=4)
-    model = script.build_model(processor.tokenizer, size)
+    processor = bundled_processor(vocabulary(), IMAGE_SIZE)
+    model = bundled_llava(processor, vision_hidden=128, vision_layers=4, hidden=128, layers=4)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)
@@ -167,16 +162,18 @@ def bench(
         # unmeasured warm-up: one short request (first-run allocations; a long prompt's prefill is the same
         # at every budget, so one request at the first budget warms it)
         run([str(BIN / "vlcache-bench"), "--url", server.url, "--budgets", args.budgets.split(",")[0], "--requests", "1",
-             "--warmup", "0", "--max-tokens", "4", "--out", str(args.out / name / "warmup"), *extra],
+             "--warmup", "0", "--max-tokens", "4", "--out", str(args.out / name / "warmup"), "--force", *extra],
             commands, stdout=subprocess.DEVNULL)  # fmt: skip
         for c in args.concurrency_levels:
             out = args.out / name / f"c{c}"
-            out.mkdir(parents=True, exist_ok=True)
-            with open(out / "bench.log", "w", encoding="utf-8") as logfile:
+            bench_log = out.with_name(f"{out.name}.bench.log")  # beside: vlcache-bench replaces --out whole
+            bench_log.parent.mkdir(parents=True, exist_ok=True)
+            with open(bench_log, "w", encoding="utf-8") as logfile:
                 run([str(BIN / "vlcache-bench"), "--url", server.url, "--budgets", args.budgets,
                      "--requests", str(requests[c]), "--concurrency", str(c), "--warmup", "0",
-                     "--max-tokens", str(max_tokens), "--timeout", "3600", "--out", str(out), *extra],
+                     "--max-tokens", str(max_tokens), "--timeout", "3600", "--out", str(out), "--force", *extra],
                     commands, stdout=logfile, stderr=subprocess.STDOUT)  # fmt: skip
+            bench_log.replace(out / "bench.log")
             table = (out / "bench.log").read_text(encoding="utf-8").split("(latencies in ms)")[-1]
             log(f"{name} at concurrency {c}:" + "\n".join(table.splitlines()[: 3 + len(args.budgets.split(","))]))
             data = json.loads((out / "results.json").read_text(encoding="utf-8"))
@@ -197,7 +194,6 @@ def decode_check(
 
     from PIL import Image
 
-    from vlcache import CompressionConfig
     from vlcache.runtime import prefill
     from vlcache.serving import load_engine
 
@@ -206,7 +202,7 @@ def decode_check(
     batch = engine.tokenize(image, LONG_PROMPT)
     states = {}
     for b in budgets:
-        config = CompressionConfig.from_dict({**engine.default_config.to_dict(), "budget": b})
+        config = engine.default_config.with_changes(budget=b)
         seq = prefill(
             engine.runner, batch["input_ids"], batch.get("pixel_values"), config, max_new_tokens=steps + warmup + 1
         )

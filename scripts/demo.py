@@ -4,7 +4,7 @@ The model is built offline from a config (random weights: the tokens mean nothin
 the mechanics: the prompt's image tokens, per-layer kept tokens, KV bytes before and after, and that
 budget 1.0 reproduces plain generation. Ends stdout with one JSON line.
 
-    .venv/bin/python scripts/demo.py [--method vlcache] [--budgets 1.0,0.1] [--max-new-tokens 16]
+    .venv/bin/python scripts/demo.py [--method vlcache] [--budgets 1.0,0.1] [--max-tokens 16]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def main() -> None:
     )
     p.add_argument("--method", default=CompressionConfig.method, choices=available())
     p.add_argument("--budgets", default="1.0,0.1", help="comma-separated fractions of the prompt's KV kept")
-    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--image-size", type=int, default=64, help="pixels; (size/4)^2 image tokens")
     args = p.parse_args()
     try:
@@ -41,11 +41,11 @@ def main() -> None:
     rows = []
     for cfg in configs:
         t0 = time.perf_counter()
-        r = vlcache.generate(model, inputs, cfg, max_new_tokens=args.max_new_tokens)
+        r = vlcache.generate(model, inputs, cfg, max_new_tokens=args.max_tokens)
         s = r.stats
         rows.append({**s.to_dict(), "seconds": time.perf_counter() - t0, "tokens": r.new_tokens.tolist()})
     with torch.no_grad():
-        plain = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+        plain = model.generate(**inputs, max_new_tokens=args.max_tokens, do_sample=False)
     m = inputs["input_ids"].shape[-1]
 
     print(f"tiny LLaVA (random weights): prompt {m} tokens, {rows[0]['image_tokens']} of them image tokens")

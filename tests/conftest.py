@@ -1,11 +1,9 @@
 """Shared fixtures: tiny random LLaVA models built offline (also as a checkpoint folder in the bundled
-llava-tiny format), and hand-built attention patterns."""
+llava-tiny format, :mod:`vlcache.hf.tiny`), and hand-built attention patterns."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import types
 from pathlib import Path
 
 # Nothing may be downloaded: every model in the tests is built here or shipped with the package.
@@ -15,28 +13,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from vlcache.hf.tiny import tiny_llava, tiny_llava_next  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session")
-def train_script() -> types.ModuleType:
-    """scripts/train_tiny_llava.py imported as a module (its build_* functions define the format)."""
-    spec = importlib.util.spec_from_file_location("train_tiny_llava", REPO / "scripts" / "train_tiny_llava.py")
-    assert spec is not None and spec.loader is not None
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
+from vlcache.eval.tasks import IMAGE_SIZE, vocabulary  # noqa: E402
+from vlcache.hf.tiny import bundled_llava, bundled_processor, tiny_llava, tiny_llava_next  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def checkpoint(train_script: types.ModuleType, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    script = train_script
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint folder in the bundled llava-tiny's format, smaller, with random weights."""
     torch.manual_seed(0)
-    processor = script.build_processor()
-    size = types.SimpleNamespace(vision_hidden=32, vision_layers=1, hidden=32, layers=2)
-    model = script.build_model(processor.tokenizer, size)
+    processor = bundled_processor(vocabulary(), IMAGE_SIZE)
+    model = bundled_llava(processor, vision_hidden=32, vision_layers=1, hidden=32, layers=2)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() >= 2:

@@ -19,8 +19,8 @@ def make_artifact(
 ) -> Path:
     """ARTIFACT/{manifest.json, processor/, triton/, and hf/ (torch) or onnx/ (onnx)}: the builder's
     output for ``backend``; ``extra``: more vlcache-build flags (``--dtype float16``)."""
-    from vlcache.builder.cli import main
+    from vlcache.cli.build import main
 
-    args = ["--model", str(checkpoint), "--backend", backend, "--output", str(out), "--force", *extra]
+    args = ["--model", str(checkpoint), "--backend", backend, "--out", str(out), "--force", *extra]
     main([*args, "--budget", str(budget), "--method", method, "--max-input-len", str(max_input_len)])
     return out

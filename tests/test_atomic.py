@@ -64,7 +64,7 @@ def test_failure_without_an_old_folder_leaves_nothing(tmp_path: Path) -> None:
 def test_a_non_empty_folder_is_refused_without_force(tmp_path: Path) -> None:
     out = _old(tmp_path)
     with pytest.raises(
-        OutputDirError, match=re.escape(f"--output {out} exists and is not empty; pass --force to replace it")
+        OutputDirError, match=re.escape(f"--out {out} exists and is not empty; pass --force to replace it")
     ):
         check_output_dir(out, False)
     # At the swap too (the folder may have been filled while the block wrote): the old one stays.

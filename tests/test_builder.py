@@ -13,17 +13,15 @@ from pathlib import Path
 import pytest
 
 from vlcache.artifact import MANIFEST, ArtifactError, verify_artifact
-from vlcache.builder import BuildError
-from vlcache.builder.cli import main
 from vlcache.builder.profiles import available_profiles
 from vlcache.builder.source import resolve_source
+from vlcache.cli.build import main
 from vlcache.config import BuildConfig, CompressionConfig
+from vlcache.errors import UserError
 
 
 def _build(checkpoint: Path, out: Path, *extra: str) -> int:
-    return main(
-        ["--model", str(checkpoint), "--backend", "torch", "--output", str(out), "--max-input-len", "300", *extra]
-    )
+    return main(["--model", str(checkpoint), "--backend", "torch", "--out", str(out), "--max-input-len", "300", *extra])
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +157,7 @@ def test_the_build_prints_the_stages_the_dry_run_lists(
         (["--model", "someorg/somemodel"], "HF model someorg/somemodel is not in the local HuggingFace cache"),
         (["--budget", "0"], "budget"),
         (["--budget", "1.5"], "budget"),
-        (["--method", "nope"], "invalid choice"),
+        (["--method", "nope"], r"argument --method: unknown method 'nope'; known methods: .*snapkv"),
         (["--max-batch-size", "0"], "max_batch_size must be >= 1"),
         (["--backend", "tensorrt"], "needs TensorRT and an NVIDIA GPU"),
     ],
@@ -170,7 +168,7 @@ def test_user_mistakes_are_one_line_errors(
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     monkeypatch.setattr("vlcache.builder.source._hf_cache_dir", lambda: str(tmp_path / "empty-cache"))
     with pytest.raises(SystemExit) as e:
-        main([*args, "--output", str(tmp_path / "out")])
+        main([*args, "--out", str(tmp_path / "out")])
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
@@ -182,7 +180,7 @@ def test_not_a_vlm_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(SystemExit):
-        main(["--model", str(tmp_path / "m"), "--output", str(tmp_path / "out")])
+        main(["--model", str(tmp_path / "m"), "--out", str(tmp_path / "out")])
     assert "not a supported VLM (model_type 'bert')" in capsys.readouterr().err
 
 
@@ -227,5 +225,5 @@ def test_build_config_validates_and_hashes() -> None:
 
 def test_bundled_profile_missing_model_says_how_to_fix(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr("vlcache.builder.source.bundled_path", lambda name: tmp_path / name)
-    with pytest.raises(BuildError, match=r"bundled model 'llava-tiny' not found .*train_tiny_llava.py"):
+    with pytest.raises(UserError, match=r"bundled model 'llava-tiny' not found .*train_tiny_llava.py"):
         resolve_source("llava-tiny")

@@ -20,9 +20,9 @@ import pytest
 import torch
 from PIL import Image
 
-from vlcache.eval.cli import main
-from vlcache.eval.models import bundled_path
+from vlcache.cli.eval import main
 from vlcache.eval.tasks import DigitScenes, format_prompt, parse_answer
+from vlcache.hf.loading import bundled_path
 
 MODELS = ("llava-tiny", "llava-tiny-late")
 
@@ -49,6 +49,37 @@ def _load(name: str, attn: str = "sdpa"):
 def test_both_bundled_models_fit_in_20_mb() -> None:
     sizes = [f.stat().st_size for name in MODELS for f in Path(bundled_path(name)).glob("*") if f.is_file()]
     assert sum(sizes) <= 20 * 2**20
+
+
+@pytest.mark.parametrize("name", BUNDLED)
+def test_the_shipped_files_have_the_format_of_vlcache_hf_tiny(name: str) -> None:
+    """:mod:`vlcache.hf.tiny`'s ``bundled_processor`` / ``bundled_llava`` (what the training script
+    builds, and the tests' random checkpoints) are the shipped model's format: the same tokenizer,
+    the same processor outputs for a question, the same config and weight names and shapes; and
+    both the digits task's prompt and ``image_prompt`` give the shipped processor the same text."""
+    from transformers import AutoConfig, AutoProcessor
+
+    from vlcache.eval.tasks import IMAGE_SIZE, vocabulary
+    from vlcache.hf.inputs import image_prompt
+    from vlcache.hf.tiny import bundled_llava, bundled_processor
+
+    path = bundled_path(name)
+    built, shipped = bundled_processor(vocabulary(), IMAGE_SIZE), AutoProcessor.from_pretrained(path)
+    assert built.tokenizer.get_vocab() == shipped.tokenizer.get_vocab()
+    sample = DigitScenes("test", seed=0).sample(0)
+    assert image_prompt(shipped, sample.question) == format_prompt(sample.question)
+    a = built(images=sample.image, text=format_prompt(sample.question), return_tensors="pt")
+    b = shipped(images=sample.image, text=image_prompt(shipped, sample.question), return_tensors="pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    def settings(config: dict) -> dict:
+        metadata = ("architectures", "dtype", "_name_or_path", "transformers_version")
+        return {k: settings(v) if isinstance(v, dict) else v for k, v in config.items() if k not in metadata}
+
+    model = bundled_llava(built)
+    assert settings(model.config.to_dict()) == settings(AutoConfig.from_pretrained(path).to_dict())
+    trained, _ = _load(name)
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in trained.state_dict().items()}
 
 
 @pytest.mark.parametrize("name", BUNDLED)

@@ -1,25 +1,26 @@
 """The fidelity harness `vlcache-eval`: metrics, datasets, the CLI end to end, follow-up mode.
 
 The model is a random-weight checkpoint in the exact format of the bundled `llava-tiny`, built with
-the training script's own ``build_processor`` / ``build_model`` (weights rescaled so greedy answers
-vary with the input, which makes the budget-1.0 equivalence checks meaningful).
+:mod:`vlcache.hf.tiny`'s ``bundled_processor`` / ``bundled_llava``, what the training script builds
+(weights rescaled so greedy answers vary with the input, which makes the budget-1.0 equivalence
+checks meaningful).
 """
 
 from __future__ import annotations
 
 import json
-import types
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from vlcache.eval import EvalError
-from vlcache.eval.cli import main
+from vlcache.cli.eval import main
+from vlcache.errors import UserError
 from vlcache.eval.datasets import load_jsonl, load_task
 from vlcache.eval.metrics import anls, exact_match, levenshtein, normalize_vqa, score, vqa_accuracy
-from vlcache.eval.models import resolve_model
+from vlcache.hf.loading import resolve_model
+from vlcache.tokens import IMAGE_TOKEN_TEXT
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -123,7 +124,7 @@ def test_jsonl_loading(tmp_path: Path) -> None:
     assert task.samples[1].load_image().size == (64, 64)
     assert len(load_jsonl(path, 2, "exact").samples) == 2
     assert load_jsonl(path, 2, "exact").samples[0].metric == "exact"
-    with pytest.raises(EvalError, match="holds 3 samples, fewer than the 5"):
+    with pytest.raises(UserError, match="holds 3 samples, fewer than the 5"):
         load_jsonl(path, 5)
 
 
@@ -145,7 +146,7 @@ def test_jsonl_errors_name_the_line(tmp_path: Path, line: str, message: str) -> 
     (tmp_path / "bad.png").write_text("not an image")
     path = tmp_path / "data.jsonl"
     path.write_text(json.dumps({"image": "a.png", "question": "q ?", "answers": ["x"]}) + "\n" + line + "\n")
-    with pytest.raises(EvalError, match=message):
+    with pytest.raises(UserError, match=message):
         load_jsonl(path)
 
 
@@ -154,15 +155,15 @@ def test_digits_task() -> None:
     assert len(task.samples) == 3 and task.prompt_style == "digits"
     first = task.samples[0]
     assert first.followup is not None and first.followup.question != first.question
-    with pytest.raises(EvalError, match="--metric applies to JSONL"):
+    with pytest.raises(UserError, match="--metric applies to JSONL"):
         load_task("digits", 3, metric="vqa")
-    with pytest.raises(EvalError, match="unknown task"):
+    with pytest.raises(UserError, match="unknown task"):
         load_task("nonsense", 3)
 
 
 def test_bundled_model_missing_says_where(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr("vlcache.hf.loading.bundled_path", lambda name: tmp_path / "models" / name)
-    with pytest.raises(EvalError, match=r"not found at .*llava-tiny.*cannot be downloaded"):
+    with pytest.raises(UserError, match=r"not found at .*llava-tiny.*cannot be downloaded"):
         resolve_model("llava-tiny")
 
 
@@ -234,10 +235,12 @@ def test_cli_jsonl_task(checkpoint: Path, tmp_path: Path, capsys: pytest.Capture
     data = tmp_path / "data" / "vqa.jsonl"
     data.write_text("".join(json.dumps(obj) + "\n" for obj in lines))
     out = tmp_path / "run"
-    argv = ["--task", str(data), "--methods", "h2o", "--budgets", "0.2", "--no-progress"]
+    argv = ["--task", str(data), "--methods", "h2o", "--budgets", "0.2", "--no-progress", "--max-tokens", "2"]
     assert main(argv + _common(checkpoint, out)) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["n"] == 2 and [s["metric"] for s in results["samples"]] == ["vqa", "anls"]
+    assert results["max_new_tokens"] == 2  # --max-tokens overrides the task's 4
+    assert all(1 <= len(p["tokens"]) <= 2 for s in results["samples"] for p in s["predictions"])
     assert set(results["results"][0]["per_kind"]) == {"count", "all"}
     assert _final_json(capsys.readouterr().out)["results"] == results["results"]
 
@@ -288,9 +291,7 @@ def test_cli_followup(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFi
     assert again[0, ids.shape[1] :].tolist() == full["followup_tokens"]
 
 
-def test_cli_llava_next_with_chat_template(
-    train_script: types.ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_cli_llava_next_with_chat_template(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A local LLaVA-NeXT checkpoint whose processor has a chat template, on a JSONL task."""
     from transformers import (
         CLIPVisionConfig,
@@ -301,13 +302,15 @@ def test_cli_llava_next_with_chat_template(
         LlavaNextProcessor,
     )
 
-    from vlcache.eval.models import load_model
     from vlcache.eval.runner import build_prompt
+    from vlcache.eval.tasks import vocabulary
+    from vlcache.hf.loading import load_model
+    from vlcache.hf.tiny import bundled_tokenizer
 
-    tok = train_script.build_tokenizer()
+    tok = bundled_tokenizer(vocabulary())
     pinpoints = [[16, 32], [32, 16], [32, 32]]
     template = (
-        "{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image> "
+        "{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}" + IMAGE_TOKEN_TEXT + " "
         "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}{% if add_generation_prompt %} ={% endif %}"
     )
     processor = LlavaNextProcessor(
@@ -341,7 +344,7 @@ def test_cli_llava_next_with_chat_template(
     config = LlavaNextConfig(
         vision_config=vision,
         text_config=text,
-        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN_TEXT),
         image_grid_pinpoints=pinpoints,
         image_seq_length=16,
     )
@@ -351,7 +354,7 @@ def test_cli_llava_next_with_chat_template(
     processor.save_pretrained(ckpt)
     loaded = load_model(str(ckpt))
     assert loaded.model_type == "llava_next"
-    assert build_prompt(loaded.processor, "how many 3 ?", "chat") == "<image> how many 3 ? ="
+    assert build_prompt(loaded.processor, "how many 3 ?", "chat") == f"{IMAGE_TOKEN_TEXT} how many 3 ? ="
 
     from vlcache.eval.tasks import DigitScenes
 
@@ -378,7 +381,7 @@ def test_cli_llava_next_with_chat_template(
         (["--samples", "0"], "--samples must be >= 1"),
         (["--samples", "many"], "argument --samples: invalid int value: 'many'"),
         (["--split", "dev"], "argument --split: invalid choice: 'dev'"),
-        (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+        (["--max-tokens", "0"], "argument --max-tokens: must be >= 1, got 0"),
         (["--model", "{tmp}/nowhere"], "model directory not found"),
         (["--model", "{tmp}/bert"], "not a supported VLM (model_type 'bert')"),
         (["--task", "{tmp}/missing.jsonl"], "task file not found"),

@@ -17,13 +17,14 @@ from transformers import PreTrainedTokenizerFast
 
 import vlcache
 from vlcache import CompressionConfig
-from vlcache.eval import EvalError
-from vlcache.eval.cli import main
+from vlcache.cli.eval import main
+from vlcache.errors import UserError
 from vlcache.eval.datasets import load_task
-from vlcache.eval.models import LoadedModel, is_text_model
 from vlcache.eval.passkey import ANSWER_PREFIX, QUESTION, PassKeyTask, needle_sentence, parse_answer, vocabulary
 from vlcache.eval.runner import encode_text_prompt, evaluate_text_sample, make_configs
 from vlcache.hf import causal_lm
+from vlcache.hf.causal_lm import is_text_model
+from vlcache.hf.loading import LoadedModel
 from vlcache.hf.tiny import tiny_llama
 from vlcache.methods import LayerInput, PromptLayout, available, get_method
 
@@ -116,9 +117,9 @@ def test_passkey_task_loading() -> None:
         "exact",
     )
     assert len(load_task("passkey").samples) == 50
-    with pytest.raises(EvalError, match="--followup needs --task digits"):
+    with pytest.raises(UserError, match="--followup needs --task digits"):
         load_task("passkey", 2, followup=True)
-    with pytest.raises(EvalError, match="exact match"):
+    with pytest.raises(UserError, match="exact match"):
         load_task("passkey", 2, metric="vqa")
 
 
@@ -310,10 +311,10 @@ def test_smollm2_answers_on_the_full_cache() -> None:
     full cache: at least 3 of the first 4 samples."""
     if importlib.util.find_spec("gguf") is None and not any(causal_lm.cache_dir().glob("gguf/SmolLM2-*")):
         pytest.skip("gguf is not installed and no converted SmolLM2 copy is cached")
-    from vlcache.eval.models import load_model
+    from vlcache.hf.causal_lm import load_causal_lm
 
     torch.set_num_threads(1)
-    lm = load_model("smollm2")
+    lm = load_causal_lm("smollm2")
     task = load_task("passkey", 4, seed=0)
     config = make_configs(["full"], [1.0])
     scores = []

@@ -1,12 +1,15 @@
 """ONNX export: graphs pass the checker, match transformers, and the `vlcache` ops match `vlcache.core`.
 
 Every comparison is against the reference on fresh random inputs: HF's own vision features and
-logits, and `vlcache.core.post_vision_statistics` / `compact` / `select_kept` for the ops.
+logits, and `vlcache.core.post_vision_statistics` / `compact` / `select_kept` for the ops. The
+decoder is checked in both variants (``attention="fused"``: ONNX Runtime's GroupQueryAttention on
+KV buffers; ``"standard"``: standard ops), plus the fused graph's in-place append.
 """
 
 from __future__ import annotations
 
 import inspect
+import json
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +24,7 @@ from vlcache.export.ops import compact_kv_model, post_vision_stats_model, regist
 from vlcache.hf.tiny import llava_inputs, tiny_llava
 
 LAYERS = 3
+ATTENTION = list(names.ATTENTION_VARIANTS)
 
 
 def _session(path_or_model: Path | onnx.ModelProto) -> ort.InferenceSession:
@@ -35,9 +39,31 @@ def model():
     return tiny_llava(seed=3, layers=LAYERS)
 
 
-@pytest.fixture(scope="module")
-def exported(model, tmp_path_factory) -> dict[str, Path]:
-    return export_llava(model, tmp_path_factory.mktemp("onnx-export"))
+@pytest.fixture(scope="module", params=ATTENTION)
+def exported(model, tmp_path_factory, request) -> dict[str, Path]:
+    return export_llava(model, tmp_path_factory.mktemp(f"onnx-export-{request.param}"), attention=request.param)
+
+
+def _feed(
+    session: ort.InferenceSession,
+    embeds: np.ndarray,
+    positions: np.ndarray,
+    caches: list[tuple[np.ndarray, np.ndarray]],
+) -> dict[str, np.ndarray]:
+    """A decoder feed from per-layer (keys, values) that hold exactly their valid entries; the fused
+    graph also gets each layer's ``past_length`` (every row: the tensors' length)."""
+    feed = {names.INPUTS_EMBEDS: embeds, names.POSITION_IDS: positions}
+    wanted = {i.name for i in session.get_inputs()}
+    for layer, (k, v) in enumerate(caches):
+        feed[names.past_key(layer)], feed[names.past_value(layer)] = k, v
+        if names.past_length(layer) in wanted:
+            feed[names.past_length(layer)] = np.full(k.shape[0], k.shape[2], np.int64)
+    return feed
+
+
+def _empty(layers: int, kv_heads: int = 2, d: int = 16) -> list[tuple[np.ndarray, np.ndarray]]:
+    empty = np.zeros((1, kv_heads, 0, d), np.float32)
+    return [(empty, empty)] * layers
 
 
 # --- the files -------------------------------------------------------------------------------------
@@ -49,6 +75,16 @@ def test_graphs_pass_the_checker_with_opset_17_and_local_functions(exported):
         opsets = {o.domain: o.version for o in proto.opset_import}
         assert opsets[""] == 17
         assert proto.ir_version <= 10  # what ONNX Runtime >= 1.20 loads
+    spec = ExportSpec.load(exported["spec"].parent)
+    decoder = onnx.load(str(exported["decoder"]))
+    ops = {(n.domain, n.op_type) for n in decoder.graph.node}
+    if spec.attention == "fused":  # one fused attention per layer, no score matrix in the graph
+        gqa = [n for n in decoder.graph.node if (n.domain, n.op_type) == (names.GQA_DOMAIN, names.GQA_OP)]
+        assert len(gqa) == LAYERS and ("", "Softmax") not in ops and ("", "Concat") in ops  # Concat: RoPE halves
+        assert {o.domain: o.version for o in decoder.opset_import}[names.GQA_DOMAIN] == names.GQA_OPSET_VERSION
+    else:  # standard ops only: what TensorRT parses
+        assert {d for d, _ in ops} == {""} and ("", "Softmax") in ops
+        assert {o.domain for o in decoder.opset_import} == {""}
     for role, op in (("post_vision_stats", names.POST_VISION_STATS), ("compact_kv", names.COMPACT_KV)):
         proto = onnx.load(str(exported[role]))
         assert [(n.domain, n.op_type) for n in proto.graph.node] == [(names.DOMAIN, op)]
@@ -68,6 +104,8 @@ def test_spec_describes_the_directory(exported, model):
     dec = spec.io["decoder"]
     assert dec["inputs"][:2] == [names.INPUTS_EMBEDS, names.POSITION_IDS]
     assert names.past_key(LAYERS - 1) in dec["inputs"] and names.query(LAYERS - 1) in dec["outputs"]
+    assert spec.attention in names.ATTENTION_VARIANTS
+    assert (names.past_length(0) in dec["inputs"]) == (spec.attention == "fused")
     for role, file in spec.graphs.items():
         assert (exported["spec"].parent / file).is_file(), role
 
@@ -78,6 +116,8 @@ def test_decoder_past_lengths_are_independent_axes(exported):
     past_axes = {dims[names.past_key(layer)][2] for layer in range(LAYERS)}
     assert len(past_axes) == LAYERS  # one symbolic length per layer
     assert dims[names.past_key(0)][2] == dims[names.past_value(0)][2]
+    if names.past_length(0) in dims:  # fused: per-row lengths, batch axis shared with the buffers
+        assert dims[names.past_length(0)] == [dims[names.past_key(0)][0]]
 
 
 # --- numerics against transformers -----------------------------------------------------------------
@@ -99,11 +139,10 @@ def test_decoder_prefill_logits_queries_and_keys_match_hf(model, exported):
     (embeds,) = _session(exported["embed"]).run(None, {names.INPUT_IDS: ids.numpy()})
     (feats,) = _session(exported["vision"]).run(None, {names.PIXEL_VALUES: inputs["pixel_values"].numpy()})
     embeds[0, (ids[0] == model.config.image_token_index).numpy()] = feats.reshape(-1, feats.shape[-1])
-    feed = {names.INPUTS_EMBEDS: embeds, names.POSITION_IDS: np.arange(m)[None]}
-    for layer in range(LAYERS):
-        feed[names.past_key(layer)] = feed[names.past_value(layer)] = np.zeros((1, 2, 0, 16), np.float32)
     dec = _session(exported["decoder"])
-    out = dict(zip([o.name for o in dec.get_outputs()], dec.run(None, feed)))
+    out = dict(
+        zip([o.name for o in dec.get_outputs()], dec.run(None, _feed(dec, embeds, np.arange(m)[None], _empty(LAYERS))))
+    )
     with torch.no_grad():
         ref = model(**inputs, use_cache=True)
     np.testing.assert_allclose(out[names.LOGITS][0, 0], ref.logits[0, -1].numpy(), atol=1e-4, rtol=1e-4)
@@ -126,25 +165,25 @@ def test_decoder_ragged_step_matches_hf_on_compacted_caches(model, exported):
     embeds = torch.randn(1, m + 1, 64, generator=g)
     dec = _session(exported["decoder"])
     order = [o.name for o in dec.get_outputs()]
-    feed = {names.INPUTS_EMBEDS: embeds[:, :m].numpy(), names.POSITION_IDS: np.arange(m)[None]}
-    for layer in range(LAYERS):
-        feed[names.past_key(layer)] = feed[names.past_value(layer)] = np.zeros((1, 2, 0, 16), np.float32)
-    pre = dict(zip(order, dec.run(None, feed)))
+    pre = dict(zip(order, dec.run(None, _feed(dec, embeds[:, :m].numpy(), np.arange(m)[None], _empty(LAYERS)))))
     stack = model.model.language_model
     # transformers >= 5.24 calls the cache argument `cache` (`past_key_values` before)
     cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     with torch.no_grad():
         cache = DynamicCache(config=model.config.text_config)
         model(inputs_embeds=embeds[:, :m], position_ids=torch.arange(m)[None], use_cache=True, **{cache_kw: cache})
-    step = {names.INPUTS_EMBEDS: embeds[:, m:].numpy(), names.POSITION_IDS: np.array([[m]])}
     kept = (5, 13, 1)
+    caches = []
     for layer, k in enumerate(kept):
         idx = select_kept(torch.rand(1, 2, m, generator=g), k)  # per KV head
-        for past, present in ((names.past_key, names.present_key), (names.past_value, names.present_value)):
-            step[past(layer)] = compact(torch.from_numpy(pre[present(layer)]), idx).numpy()
+        caches.append(
+            tuple(
+                compact(torch.from_numpy(pre[p(layer)]), idx).numpy() for p in (names.present_key, names.present_value)
+            )
+        )
         hf_layer = cache.layers[layer]
         hf_layer.keys, hf_layer.values = compact(hf_layer.keys, idx), compact(hf_layer.values, idx)
-    out = dict(zip(order, dec.run(None, step)))
+    out = dict(zip(order, dec.run(None, _feed(dec, embeds[:, m:].numpy(), np.array([[m]]), caches))))
     original = stack.config._attn_implementation
     try:
         stack.config._attn_implementation = ragged_name(original)
@@ -160,8 +199,9 @@ def test_decoder_ragged_step_matches_hf_on_compacted_caches(model, exported):
         np.testing.assert_allclose(out[names.present_key(layer)], cache.layers[layer].keys.numpy(), atol=1e-5)
 
 
+@pytest.mark.parametrize("attention", ATTENTION)
 @pytest.mark.parametrize(("opset", "kv_heads"), [(18, 2), (21, 4), (17, 1)])
-def test_other_opsets_and_head_layouts_match_hf(opset, kv_heads, tmp_path):
+def test_other_opsets_and_head_layouts_match_hf(opset, kv_heads, attention, tmp_path):
     """Opsets 18+ (reduction axes as inputs), MHA (no group tiling) and MQA export correctly too."""
     from transformers import LlavaForConditionalGeneration
 
@@ -171,19 +211,124 @@ def test_other_opsets_and_head_layouts_match_hf(opset, kv_heads, tmp_path):
     torch.manual_seed(opset)
     model = LlavaForConditionalGeneration(cfg).eval()
     model.set_attn_implementation({"text_config": "sdpa", "vision_config": "sdpa"})
-    paths = export_llava(model, tmp_path, opset=opset)
+    paths = export_llava(model, tmp_path, opset=opset, attention=attention)
     inputs = llava_inputs(model, question_len=5, seed=opset)
     ids = inputs["input_ids"]
     (embeds,) = _session(paths["embed"]).run(None, {names.INPUT_IDS: ids.numpy()})
     (feats,) = _session(paths["vision"]).run(None, {names.PIXEL_VALUES: inputs["pixel_values"].numpy()})
     embeds[0, (ids[0] == cfg.image_token_index).numpy()] = feats.reshape(-1, feats.shape[-1])
-    feed = {names.INPUTS_EMBEDS: embeds, names.POSITION_IDS: np.arange(ids.shape[1])[None]}
-    for layer in range(2):
-        feed[names.past_key(layer)] = feed[names.past_value(layer)] = np.zeros((1, kv_heads, 0, 16), np.float32)
-    (logits, *_) = _session(paths["decoder"]).run(None, feed)
+    dec = _session(paths["decoder"])
+    (logits, *_) = dec.run(None, _feed(dec, embeds, np.arange(ids.shape[1])[None], _empty(2, kv_heads)))
     with torch.no_grad():
         ref = model(**inputs).logits[0, -1]
     np.testing.assert_allclose(logits[0, 0], ref.numpy(), atol=1e-4, rtol=1e-4)
+
+
+def _fused_step(
+    dec: ort.InferenceSession,
+    x: np.ndarray,
+    pos: np.ndarray,
+    buffers: list[tuple[ort.OrtValue, ort.OrtValue]],
+    length: int,
+) -> dict[str, np.ndarray]:
+    """One fused decoder call with present_* bound to the same OrtValues as past_* (as OnnxRunner does)."""
+    io = dec.io_binding()
+    io.bind_cpu_input(names.INPUTS_EMBEDS, x)
+    io.bind_cpu_input(names.POSITION_IDS, pos)
+    lengths = np.array([length], np.int64)
+    for layer, (k, v) in enumerate(buffers):
+        io.bind_cpu_input(names.past_length(layer), lengths)
+        io.bind_ortvalue_input(names.past_key(layer), k)
+        io.bind_ortvalue_output(names.present_key(layer), k)
+        io.bind_ortvalue_input(names.past_value(layer), v)
+        io.bind_ortvalue_output(names.present_value(layer), v)
+    bound = [names.LOGITS] + [names.query(layer) for layer in range(len(buffers))]
+    for name in bound:
+        io.bind_output(name, "cpu")
+    dec.run_with_iobinding(io)
+    outs = io.get_outputs()
+    got = dict(zip(bound, (o.numpy() for o in outs[2 * len(buffers) :])))
+    for layer in range(len(buffers)):  # the bound present outputs are the buffers themselves
+        assert outs[2 * layer].data_ptr() == buffers[layer][0].data_ptr()
+        assert outs[2 * layer + 1].data_ptr() == buffers[layer][1].data_ptr()
+    return got
+
+
+def test_fused_decoder_appends_in_place_into_one_buffer_and_equals_the_standard_graph(model, tmp_path):
+    """Bound to one OrtValue as past and present, the fused decoder writes only the new entries into
+    the buffer: its address never changes and the entries past the valid length keep their old
+    contents — whereas ONNX Runtime's kernel zeroes a separate present buffer before copying the past
+    into it (the control below), so the kernel did see one shared buffer. Prefill and decode steps
+    equal the standard (Concat) graph's logits, queries and caches."""
+    fused = _session(export_llava(model, tmp_path / "fused", attention="fused")["decoder"])
+    std = _session(export_llava(model, tmp_path / "standard", attention="standard")["decoder"])
+    std_order = [o.name for o in std.get_outputs()]
+    g = torch.Generator().manual_seed(21)
+    m, steps, capacity, sentinel = 12, 3, 24, 7.0
+    embeds = torch.randn(1, m + steps, 64, generator=g).numpy()
+    arrays = [tuple(np.full((1, 2, capacity, 16), sentinel, np.float32) for _ in range(2)) for _ in range(LAYERS)]
+    buffers = [(ort.OrtValue.ortvalue_from_numpy(k), ort.OrtValue.ortvalue_from_numpy(v)) for k, v in arrays]
+    addresses = [(k.data_ptr(), v.data_ptr()) for k, v in buffers]
+    assert addresses == [(k.ctypes.data, v.ctypes.data) for k, v in arrays]  # OrtValues over the numpy memory
+    std_cache = _empty(LAYERS)
+    length = 0
+    for start, n in [(0, m)] + [(m + i, 1) for i in range(steps)]:
+        x, pos = embeds[:, start : start + n], np.arange(start, start + n)[None]
+        got = _fused_step(fused, x, pos, buffers, length)
+        ref = dict(zip(std_order, std.run(None, _feed(std, x, pos, std_cache))))
+        std_cache = [(ref[names.present_key(i)], ref[names.present_value(i)]) for i in range(LAYERS)]
+        length += n
+        np.testing.assert_allclose(got[names.LOGITS], ref[names.LOGITS], atol=1e-5, rtol=1e-5)
+        assert [(k.data_ptr(), v.data_ptr()) for k, v in buffers] == addresses
+        for layer, (k, v) in enumerate(arrays):
+            np.testing.assert_allclose(got[names.query(layer)], ref[names.query(layer)], atol=1e-5)
+            np.testing.assert_allclose(k[:, :, :length], ref[names.present_key(layer)], atol=1e-5)
+            np.testing.assert_allclose(v[:, :, :length], ref[names.present_value(layer)], atol=1e-5)
+            assert (k[:, :, length:] == sentinel).all() and (v[:, :, length:] == sentinel).all()
+    # control: present bound apart from past -> the kernel allocates it and zeroes what is past the length
+    io = fused.io_binding()
+    io.bind_cpu_input(names.INPUTS_EMBEDS, embeds[:, -1:])
+    io.bind_cpu_input(names.POSITION_IDS, np.array([[m + steps]]))
+    for layer, (k, v) in enumerate(buffers):
+        io.bind_cpu_input(names.past_length(layer), np.array([length], np.int64))
+        io.bind_ortvalue_input(names.past_key(layer), k)
+        io.bind_ortvalue_input(names.past_value(layer), v)
+    io.bind_output(names.present_key(0), "cpu")
+    fused.run_with_iobinding(io)
+    (present,) = io.get_outputs()
+    assert present.data_ptr() != addresses[0][0] and present.shape() == [1, 2, capacity, 16]
+    assert (present.numpy()[:, :, length + 1 :] == 0).all() and (arrays[0][0][:, :, length:] == sentinel).all()
+
+
+def test_fused_decoder_takes_a_length_per_row(model, tmp_path):
+    """One single-token call on two rows whose buffers hold different numbers of valid entries equals
+    two separate calls (the graph has a real batch axis; each row attends to its own entries)."""
+    dec = _session(export_llava(model, tmp_path, attention="fused")["decoder"])
+    order = [o.name for o in dec.get_outputs()]
+    g = torch.Generator().manual_seed(5)
+    capacity, lengths = 20, (13, 6)
+    keys = torch.randn(2, LAYERS, 2, capacity, 16, generator=g).numpy()  # (row, layer, ...)
+    values = torch.randn(2, LAYERS, 2, capacity, 16, generator=g).numpy()
+    x = torch.randn(2, 1, 64, generator=g).numpy()
+    pos = np.array([[17], [30]])  # positions != lengths, as after eviction
+
+    def feed(rows: list[int]) -> dict[str, np.ndarray]:
+        f = {names.INPUTS_EMBEDS: x[rows], names.POSITION_IDS: pos[rows]}
+        for layer in range(LAYERS):
+            f[names.past_key(layer)] = np.ascontiguousarray(keys[rows, layer])
+            f[names.past_value(layer)] = np.ascontiguousarray(values[rows, layer])
+            f[names.past_length(layer)] = np.array([lengths[r] for r in rows], np.int64)
+        return f
+
+    both = dict(zip(order, dec.run(None, feed([0, 1]))))
+    for row in (0, 1):
+        one = dict(zip(order, dec.run(None, feed([row]))))
+        np.testing.assert_allclose(both[names.LOGITS][row], one[names.LOGITS][0], atol=1e-5, rtol=1e-5)
+        n = lengths[row] + 1
+        for layer in range(LAYERS):
+            np.testing.assert_allclose(both[names.query(layer)][row], one[names.query(layer)][0], atol=1e-6)
+            for name in (names.present_key(layer), names.present_value(layer)):
+                np.testing.assert_allclose(both[name][row, :, :n], one[name][0, :, :n], atol=1e-6)
 
 
 # --- the vlcache ops against vlcache.core ---------------------------------------------------------------
@@ -249,6 +394,19 @@ def test_compact_kv_node_matches_core(exported):
 
 
 # --- errors --------------------------------------------------------------------------------------------
+def test_spec_reads_format_1_as_the_standard_decoder_and_checks_attention(exported, tmp_path):
+    data = json.loads(exported["spec"].read_text())
+    assert data["format_version"] == 2
+    data.pop("attention")
+    data["format_version"] = 1
+    (tmp_path / names.SPEC_FILE).write_text(json.dumps(data))
+    assert ExportSpec.load(tmp_path).attention == "standard"  # format 1 had only the standard decoder
+    data.update(format_version=2, attention="flash")
+    (tmp_path / names.SPEC_FILE).write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="attention"):
+        ExportSpec.load(tmp_path)
+
+
 def test_export_refuses_what_it_cannot_do(model, llava_next, tmp_path):
     with pytest.raises(ValueError, match="LLaVA-NeXT"):
         export_llava(llava_next, tmp_path)
@@ -262,5 +420,15 @@ def test_export_refuses_what_it_cannot_do(model, llava_next, tmp_path):
         export_llava(torch.nn.Linear(2, 2), tmp_path)
     with pytest.raises(ValueError, match="threshold"):
         post_vision_stats_model(17, threshold=1.5)
+    with pytest.raises(ValueError, match="attention"):
+        export_llava(model, tmp_path, attention="flash")
+    odd = tiny_llava(seed=4, layers=1)
+    odd.config.text_config.head_dim = 12  # GroupQueryAttention needs head_dim % 8 == 0
+    from transformers import LlavaForConditionalGeneration
+
+    odd = LlavaForConditionalGeneration(odd.config).eval()
+    with pytest.raises(ValueError, match="multiple of 8"):
+        export_llava(odd, tmp_path / "odd")
+    export_llava(odd, tmp_path / "odd", attention="standard")  # the standard decoder takes it
     with pytest.raises(ValueError, match="export.json"):
         ExportSpec.load(tmp_path / "nowhere")

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from vlcache.artifact import verify_artifact
-from vlcache.builder.cli import main as build_main
-from vlcache.serving.generate_cli import main as generate_main
+from vlcache.cli.build import main as build_main
+from vlcache.cli.generate import main as generate_main
 
 PROMPT = "what is at row 1 col 2 ?"
 
@@ -21,7 +21,7 @@ def artifacts(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     out = {}
     for backend in ("onnx", "torch"):
         out[backend] = root / backend
-        args = ["--model", str(checkpoint), "--backend", backend, "--output", str(out[backend])]
+        args = ["--model", str(checkpoint), "--backend", backend, "--out", str(out[backend])]
         assert build_main([*args, "--max-input-len", "300", "--budget", "0.1"]) == 0
     return out
 
@@ -83,7 +83,7 @@ def test_several_budgets_answer_side_by_side_like_single_runs(
         (["--budget", "1.5"], "budget"),
         (["--budget", "1.0,x"], "'x' is not a number"),
         (["--method", "nope"], "unknown method 'nope'"),
-        (["--max-tokens", "0"], "--max-tokens must be >= 1"),
+        (["--max-tokens", "0"], "argument --max-tokens: must be >= 1, got 0"),
         (["--prompt", "  "], "--prompt is empty"),
     ],
 )

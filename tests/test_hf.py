@@ -290,3 +290,41 @@ def test_manual_decode_without_position_ids_gets_true_positions(llava):
                 steps.append(logits)
         runs.append(torch.cat(steps))
     torch.testing.assert_close(runs[0], runs[1], atol=0, rtol=0)
+
+
+# --- what a processor and a model are handed (vlcache.hf.inputs) ----------------------------------
+def test_image_prompt_with_and_without_a_chat_template():
+    """One source for the prompt of an image and a question: the processor's image token and the
+    question without a chat template (the digits task's format), the chat template when there is one."""
+    import copy
+
+    from vlcache.eval.tasks import IMAGE_SIZE, format_prompt, vocabulary
+    from vlcache.hf.inputs import has_chat_template, image_prompt, image_token_text
+    from vlcache.hf.tiny import bundled_processor
+    from vlcache.tokens import IMAGE_TOKEN_TEXT
+
+    plain_processor = bundled_processor(vocabulary(), IMAGE_SIZE)
+    q = "how many 3 ?"
+    assert not has_chat_template(plain_processor) and image_token_text(plain_processor) == IMAGE_TOKEN_TEXT
+    assert image_prompt(plain_processor, q) == image_prompt(plain_processor, q, chat=False) == format_prompt(q)
+    assert image_prompt(plain_processor, q, separator="\n") == f"{IMAGE_TOKEN_TEXT}\n{q}"
+    with pytest.raises(ValueError, match="chat template"):
+        image_prompt(plain_processor, q, chat=True)
+    chat_processor = copy.deepcopy(plain_processor)
+    chat_processor.chat_template = (
+        "{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}[img]"
+        "{% else %}({{ c['text'] }}){% endif %}{% endfor %}{% endfor %}{% if add_generation_prompt %} ={% endif %}"
+    )
+    assert has_chat_template(chat_processor)
+    assert image_prompt(chat_processor, q) == image_prompt(chat_processor, q, chat=True) == f"[img]({q}) ="
+    assert image_prompt(chat_processor, q, chat=False) == format_prompt(q)
+    assert image_token_text(object()) == IMAGE_TOKEN_TEXT  # a processor that names no image token
+
+
+def test_move_inputs_casts_floats_only():
+    from vlcache.hf.inputs import move_inputs
+
+    batch = {"input_ids": torch.ones(1, 3, dtype=torch.long), "pixel_values": torch.zeros(1, 3, 2, 2), "n": 7}
+    moved = move_inputs(batch, "cpu", torch.float16)
+    assert moved["input_ids"].dtype == torch.long and moved["pixel_values"].dtype == torch.float16
+    assert moved["n"] == 7 and moved.keys() == batch.keys()

@@ -13,7 +13,7 @@ LAYOUT = PromptLayout(M, ((3, 10),))  # text 0-2, image 3-9, text (the question)
 
 def run(method_name, targets_for_rows, k, layers=1, **cfg):
     """Score one layer whose query row at position p attends only to targets_for_rows(p); select k."""
-    method = get_method(CompressionConfig(method=method_name, budget=0.5, **cfg))
+    method = get_method(CompressionConfig.create(method_name, 0.5, **cfg))
     start = method.query_start(LAYOUT)
     targets = [targets_for_rows(p) for p in range(start, M)]
     q, kk = peaked_qk(targets, M, start, q_heads=2, kv_heads=1) if targets else peaked_qk([0], M, M - 1)
@@ -60,7 +60,7 @@ def test_vlcache_keeps_what_the_question_attends_to():
 
 
 def test_vlcache_query_window_limits_rows():
-    method = get_method(CompressionConfig(method="vlcache", query_window=2))
+    method = get_method(CompressionConfig.create("vlcache", query_window=2))
     assert method.query_start(LAYOUT) == M - 2
 
 
@@ -167,7 +167,7 @@ def test_vlcache_recent_window_is_inside_the_budget_and_keeps_the_last_token(fra
     gen = torch.Generator().manual_seed(int(fraction * 1000))
     m = 64
     layout = PromptLayout(m, ((4, 40),))
-    method = get_method(CompressionConfig(method="vlcache", recent_fraction=fraction))
+    method = get_method(CompressionConfig.create("vlcache", recent_fraction=fraction))
     for k in (1, 3, 9, 10, 20, 64):
         scores = torch.rand(2, 3, m, generator=gen)
         scores[..., -12:] = -1.0  # the recent tokens score lowest: only the window can keep them
@@ -194,7 +194,7 @@ def test_vlcache_without_window_is_algorithm_1():
     layout = PromptLayout(m, ((2, 30),))
     scores = torch.rand(1, 2, m, generator=gen)
     scores[..., -5:] = -1.0
-    zero = get_method(CompressionConfig(method="vlcache", recent_fraction=0.0))
+    zero = get_method(CompressionConfig.create("vlcache", recent_fraction=0.0))
     ablation = get_method(CompressionConfig(method="vlcache-nowindow"))  # default f ignored
     windowed = get_method(CompressionConfig(method="vlcache"))
     for k in (1, 4, 12):
@@ -209,10 +209,10 @@ def test_vlcache_without_window_is_algorithm_1():
 
 def test_recent_fraction_is_validated_and_hashed():
     with pytest.raises(ValueError, match="recent_fraction"):
-        CompressionConfig(recent_fraction=1.0)
+        CompressionConfig.create(recent_fraction=1.0)
     with pytest.raises(ValueError, match="recent_fraction"):
-        CompressionConfig(recent_fraction=-0.1)
-    assert CompressionConfig(recent_fraction=0.2).compute_hash() != CompressionConfig().compute_hash()
+        CompressionConfig.create(recent_fraction=-0.1)
+    assert CompressionConfig.create(recent_fraction=0.2).compute_hash() != CompressionConfig().compute_hash()
 
 
 def test_full_is_never_scored():

@@ -19,8 +19,17 @@ from vlcache_plugins.build import ROLES, build_engines, optimization_profile  # 
 @pytest.fixture(scope="module")
 def spec(tmp_path_factory: pytest.TempPathFactory) -> tuple[ExportSpec, Path]:
     out = tmp_path_factory.mktemp("export")
-    export_llava(tiny_llava(seed=0, layers=2), out, max_input_len=128)
+    # the standard decoder: what TensorRT builds from
+    export_llava(tiny_llava(seed=0, layers=2), out, max_input_len=128, attention="standard")
     return ExportSpec.load(out), out
+
+
+def test_fused_decoder_exports_are_refused(tmp_path: Path) -> None:
+    export_llava(tiny_llava(seed=0, layers=1), tmp_path, max_input_len=64)  # default: fused attention
+    with pytest.raises(ValueError, match="attention='standard'"):
+        optimization_profile(ExportSpec.load(tmp_path), "decoder")
+    with pytest.raises(ValueError, match="attention='standard'"):
+        build_engines(tmp_path, tmp_path / "engines")
 
 
 def test_profile_covers_every_dynamic_input_with_ordered_ranges(spec: tuple[ExportSpec, Path]) -> None:

@@ -3,6 +3,9 @@
 Reference: :func:`vlcache.generate` / :class:`vlcache.VLCache` on the same transformers model the
 graphs were exported from, on fresh prompts (random tiny LLaVA from configs, and a random-weight
 checkpoint in the bundled ``llava-tiny`` format loaded with ``from_pretrained`` + its processor).
+Every comparison runs on both decoder graphs (``fused``: GroupQueryAttention on preallocated KV
+buffers written in place; ``standard``: Concat), plus the fused runner's buffer properties: one
+buffer per layer for the whole decode, sized by the budget, and per-row lengths in one call.
 """
 
 from __future__ import annotations
@@ -16,19 +19,29 @@ import torch
 
 import vlcache
 from vlcache import CompressionConfig, VLCache
+from vlcache.config import settings_read_by
 from vlcache.core import allocate_budgets
 from vlcache.export import export_llava
+from vlcache.export.names import ATTENTION_VARIANTS
 from vlcache.hf.tiny import llava_inputs
-from vlcache.runtime import generate, load_runtime
+from vlcache.runtime import generate, load_runtime, prefill
+from vlcache.runtime.base import LayerKV
 
 NEW_TOKENS = 10
 
 
-@pytest.fixture(scope="module")
-def export_dir(llava, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("runtime-export")
-    export_llava(llava, out, max_input_len=256)
+@pytest.fixture(scope="module", params=ATTENTION_VARIANTS)
+def export_dir(llava, tmp_path_factory, request) -> Path:
+    out = tmp_path_factory.mktemp(f"runtime-export-{request.param}")
+    export_llava(llava, out, max_input_len=256, attention=request.param)
     return out
+
+
+@pytest.fixture(scope="module")
+def fused_runner(llava, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runtime-export-fused-only")
+    export_llava(llava, out, max_input_len=256, attention="fused")
+    return load_runtime(out, backend="onnx", threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +63,7 @@ CASES = [
 @pytest.mark.parametrize(("method", "budget"), CASES)
 def test_greedy_tokens_logits_and_stats_equal_torch(llava, runner, method, budget):
     inputs = llava_inputs(llava, question_len=18, seed=CASES.index((method, budget)) + 100)
-    cfg = CompressionConfig(method=method, budget=budget, window=8)
+    cfg = CompressionConfig.create(method, budget, **settings_read_by(method, {"window": 8}))
     ref = vlcache.generate(llava, inputs, cfg, max_new_tokens=NEW_TOKENS, return_logits=True)
     streamed: list[int] = []
     res = generate(
@@ -83,7 +96,7 @@ def test_greedy_tokens_logits_and_stats_equal_torch(llava, runner, method, budge
 def test_kept_indices_budgets_and_densities_equal_the_torch_session(llava, runner, method, recent_fraction):
     inputs = llava_inputs(llava, question_len=25, seed=int(torch.randint(0, 10_000, ())))
     m = inputs["input_ids"].shape[1]
-    cfg = CompressionConfig(method=method, budget=0.1, recent_fraction=recent_fraction)
+    cfg = CompressionConfig.create(method, 0.1, **settings_read_by(method, {"recent_fraction": recent_fraction}))
     session = VLCache(cfg)
     with session.apply(llava), torch.no_grad():
         llava.generate(**inputs, max_new_tokens=1, do_sample=False)
@@ -119,6 +132,10 @@ def test_stats_account_for_bytes_and_time(llava, runner):
     per_token = 2 * 2 * 16 * 4  # K and V, 2 KV heads, head dim 16, float32
     assert s.kv_bytes_before == 3 * m * per_token
     assert s.kv_bytes_after == sum(s.kept_per_layer) * per_token
+    if runner.fused:  # each layer's buffer: its kept entries + room for the 4 new tokens
+        assert s.kv_bytes_reserved == sum(k + 4 for k in s.kept_per_layer) * per_token
+    else:  # tensors sized exactly
+        assert s.kv_bytes_reserved == s.kv_bytes_after
     assert sum(s.kept_per_layer) == round(0.2 * 3 * m)
     assert s.new_tokens == len(res.tokens) == 4
     assert s.prefill_seconds > 0 and s.scoring_seconds > 0 and s.decode_seconds > 0
@@ -128,7 +145,8 @@ def test_stats_account_for_bytes_and_time(llava, runner):
     )
 
 
-def test_llava_tiny_format_checkpoint_matches_torch(checkpoint, tmp_path_factory):
+@pytest.mark.parametrize("attention", ATTENTION_VARIANTS)
+def test_llava_tiny_format_checkpoint_matches_torch(checkpoint, tmp_path_factory, attention):
     from PIL import Image
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -137,7 +155,7 @@ def test_llava_tiny_format_checkpoint_matches_torch(checkpoint, tmp_path_factory
     model = LlavaForConditionalGeneration.from_pretrained(checkpoint, attn_implementation="sdpa").eval()
     processor = AutoProcessor.from_pretrained(checkpoint)
     out = tmp_path_factory.mktemp("tiny-format-export")
-    export_llava(model, out)
+    export_llava(model, out, attention=attention)
     runner = load_runtime(out, threads=1)
     rng = np.random.default_rng(4)
     image = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
@@ -150,6 +168,96 @@ def test_llava_tiny_format_checkpoint_matches_torch(checkpoint, tmp_path_factory
         assert res.stats.kept_per_layer == ref.stats.kept_per_layer
         assert res.logits is not None and ref.logits is not None
         np.testing.assert_allclose(res.logits[0], ref.logits[0][0].numpy(), atol=1e-4, rtol=1e-4)
+
+
+# --- the fused runner's KV buffers -------------------------------------------------------------------
+@pytest.mark.parametrize(("method", "budget"), [("vlcache", 0.1), ("full", 1.0), ("tgvkv", 0.1)])
+def test_fused_runner_decodes_in_place_in_buffers_sized_by_the_budget(llava, fused_runner, method, budget):
+    """After compaction each layer holds one buffer of capacity k_l + max_new_tokens (m +
+    max_new_tokens for the full cache); every decode step (and TGV-KV's evictions) writes into those
+    same buffers: same arrays, same addresses, no new allocation per step."""
+    runner, steps = fused_runner, 6
+    inputs = llava_inputs(llava, question_len=12, seed=41)
+    m = inputs["input_ids"].shape[1]
+    cfg = CompressionConfig.create(method, budget)
+    seq = prefill(runner, inputs["input_ids"], inputs["pixel_values"], cfg, max_new_tokens=steps + 1)
+    kept = seq.stats.kept_per_layer
+    assert [kv.keys.shape[2] for kv in seq.cache] == [k + steps + 1 for k in kept]
+    if method == "full":
+        assert kept == [m] * 3
+    else:
+        assert all(k < m for k in kept)
+    arrays = [(kv.keys, kv.values) for kv in seq.cache]
+    addresses = [(k.ctypes.data, v.ctypes.data) for k, v in arrays]
+    lengths = [kv.length for kv in seq.cache]
+    for _ in range(steps):
+        seq.step(seq.greedy())
+        assert all(kv.keys is k and kv.values is v for kv, (k, v) in zip(seq.cache, arrays))  # same buffers ...
+        assert [(kv.keys.ctypes.data, kv.values.ctypes.data) for kv in seq.cache] == addresses  # ... memory
+    grown = [kv.length - n for kv, n in zip(seq.cache, lengths)]
+    assert sum(grown) == 3 * steps - seq.stats.decode_evictions  # appended every step, minus evictions
+    if method == "tgvkv":
+        assert seq.stats.decode_evictions > 0
+
+
+def test_fused_runner_grows_a_full_buffer_and_keeps_generating(llava, fused_runner):
+    """Stepping past the max_new_tokens the buffers were sized for copies into a larger buffer once
+    and keeps the tokens of a generation sized for it from the start."""
+    inputs = llava_inputs(llava, question_len=8, seed=43)
+    cfg = CompressionConfig(budget=0.2)
+    ref = generate(fused_runner, inputs["input_ids"], inputs["pixel_values"], cfg, max_new_tokens=6, eos_token_id=())
+    seq = prefill(fused_runner, inputs["input_ids"], inputs["pixel_values"], cfg, max_new_tokens=1)
+    capacity = [kv.keys.shape[2] for kv in seq.cache]
+    tokens = [seq.greedy()]
+    for _ in range(5):
+        seq.step(tokens[-1])
+        tokens.append(seq.greedy())
+    assert tokens == ref.tokens
+    assert all(kv.keys.shape[2] > c for kv, c in zip(seq.cache, capacity))
+
+
+def test_fused_runner_takes_rows_with_different_lengths_in_one_call(llava, fused_runner):
+    """Two prompts compacted to different per-layer lengths, stacked as the two rows of one batch
+    (lengths per row and per layer): one decode call equals two separate calls, row by row."""
+    runner = fused_runner
+    rows = []
+    for question, seed, budget in ((14, 51, 0.3), (6, 52, 0.1)):
+        inputs = llava_inputs(llava, question_len=question, seed=seed)
+        seq = prefill(
+            runner, inputs["input_ids"], inputs["pixel_values"], CompressionConfig(budget=budget), max_new_tokens=2
+        )
+        rows.append(seq)
+    lengths = [[kv.length for kv in seq.cache] for seq in rows]
+    assert lengths[0] != lengths[1] and len(set(lengths[0])) > 1  # ragged across rows and layers
+    capacity = max(max(row) for row in lengths) + 1
+    batch = []
+    for layer in range(3):
+        kv = LayerKV(*(np.zeros((2, 2, capacity, 16), np.float32) for _ in range(2)), np.zeros(2, np.int64))
+        for r, seq in enumerate(rows):
+            n = seq.cache[layer].length
+            kv.keys[r, :, :n] = seq.cache[layer].keys[0, :, :n]
+            kv.values[r, :, :n] = seq.cache[layer].values[0, :, :n]
+            kv.lengths[r] = n
+        batch.append(kv)
+    embeds = np.concatenate([runner.embed(np.array([[seq.greedy()]])) for seq in rows])
+    positions = np.array([[seq.position] for seq in rows])
+    both = runner.forward(embeds, positions, batch)
+    assert both.logits.shape == (2, runner.spec.vocab_size)
+    for r, seq in enumerate(rows):
+        alone = runner.forward(embeds[r : r + 1], positions[r : r + 1], seq.cache)
+        np.testing.assert_allclose(both.logits[r], alone.logits[0], atol=1e-5, rtol=1e-5)
+        for layer in range(3):
+            n = lengths[r][layer] + 1
+            assert both.cache[layer].lengths[r] == alone.cache[layer].length == n
+            np.testing.assert_allclose(both.cache[layer].keys[r, :, :n], alone.cache[layer].keys[0, :, :n], atol=1e-6)
+            np.testing.assert_allclose(
+                both.cache[layer].values[r, :, :n], alone.cache[layer].values[0, :, :n], atol=1e-6
+            )
+            np.testing.assert_allclose(
+                runner.to_torch(both.queries[layer])[r], runner.to_torch(alone.queries[layer])[0], atol=1e-6
+            )
+    with pytest.raises(ValueError, match="batch size 1"):  # ONNX Runtime's rule for multi-token steps
+        runner.forward(np.concatenate([embeds, embeds], axis=1), np.concatenate([positions, positions + 1], 1), batch)
 
 
 # --- errors --------------------------------------------------------------------------------------------

@@ -123,8 +123,8 @@ def test_an_artifact_of_the_old_format_is_refused_with_rebuild(artifact: Path, t
     """Format 1 repeated backend, compression, max_input_len and max_batch_size beside ``build``."""
     import shutil
 
+    from vlcache.cli.generate import main as generate_main
     from vlcache.serving.engine import load_engine
-    from vlcache.serving.generate_cli import main as generate_main
 
     old = tmp_path / "old"
     shutil.copytree(artifact, old)
@@ -217,6 +217,48 @@ def test_engine_refuses_long_prompts_and_stops_when_cancelled(engine):
 
     stats = engine.generate(sample.image, sample.question, max_tokens=20, cancelled=cancelled)
     assert stats["finish_reason"] == "cancelled" and stats["output_tokens"] == 2
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["no-chat-template", "chat-template"])
+def test_engine_and_eval_runner_hand_a_question_the_same_inputs(engine, chat: bool):
+    """One source for a question's prompt and its tensors (:mod:`vlcache.hf.inputs`): the served
+    engine and vlcache-eval's runner give the processor what ``image_prompt`` gives, and the model the
+    same token ids and pixels, for the bundled format's processor (no chat template: the digits
+    task's ``<image> question``) and for the same processor with a chat template."""
+    import copy
+    import dataclasses
+
+    import torch
+
+    from vlcache.eval.datasets import EvalSample
+    from vlcache.eval.runner import build_prompt, prepare_inputs
+    from vlcache.hf.inputs import image_prompt
+    from vlcache.tokens import IMAGE_TOKEN_TEXT
+
+    processor = copy.deepcopy(engine.processor)
+    if chat:
+        processor.chat_template = (
+            "{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}"
+            + IMAGE_TOKEN_TEXT
+            + " {% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}{% if add_generation_prompt %} ={% endif %}"
+        )
+    served = copy.copy(engine)
+    served.processor = processor
+    loaded = dataclasses.replace(engine.loaded, processor=processor)
+    scene = _scene()
+    sample = EvalSample(0, scene.question, scene.answers, image=scene.image)
+    expected = f"{IMAGE_TOKEN_TEXT} {scene.question}" + (" =" if chat else "")
+    styles = ["chat"] if chat else ["digits", "chat"]  # without a template, chat falls back to "<image>\n q"
+    assert served.format_prompt(scene.question) == image_prompt(processor, scene.question) == expected
+    assert build_prompt(processor, scene.question, styles[0]) == expected
+    assert served.format_prompt(expected) == expected  # a prompt that holds the image token is kept as is
+    tensors = served.prepare(scene.image, scene.question)
+    assert int(tensors["input_ids"].shape[-1]) == 1 + 256 + len(scene.question.split()) + chat
+    for style in styles:
+        evaluated = prepare_inputs(loaded, sample, style)
+        assert evaluated.keys() == tensors.keys()
+        for key, value in tensors.items():
+            assert torch.equal(evaluated[key], value), (style, key)
 
 
 # --- the build's settings: dtype and device --------------------------------------------------------
@@ -332,19 +374,90 @@ def test_summarize_percentiles_and_throughput():
 
 
 # --- command lines: user mistakes are one line, exit status 2 ---------------------------------------
-def test_serve_and_bench_report_user_mistakes_on_one_line(tmp_path: Path, capsys):
-    from vlcache.client.bench import main as bench_main
-    from vlcache.serving.server import free_port
-    from vlcache.serving.server import main as serve_main
+def _exit(main, argv: list[str], capsys) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    return int(e.value.code), capsys.readouterr().err
 
-    assert serve_main([str(tmp_path / "nowhere")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("vlcache-serve: error: artifact directory not found") and "\n" not in err
-    assert bench_main(["--budgets", "1.0,0", "--out", str(tmp_path / "b")]) == 2
-    assert "budget 0 is outside (0, 1] in --budgets" in capsys.readouterr().err
-    assert bench_main(["--url", f"127.0.0.1:{free_port()}", "--requests", "1", "--out", str(tmp_path / "b")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("vlcache-bench: error: no ready vlcache model at")
+
+def test_serve_and_bench_report_user_mistakes_on_one_line(tmp_path: Path, capsys):
+    from vlcache.cli.bench import main as bench_main
+    from vlcache.cli.serve import main as serve_main
+    from vlcache.serving.server import free_port
+
+    code, err = _exit(serve_main, [str(tmp_path / "nowhere")], capsys)
+    assert code == 2 and err.startswith("vlcache-serve: error: artifact directory not found") and err.count("\n") == 1
+    code, err = _exit(bench_main, ["--budgets", "1.0,0", "--out", str(tmp_path / "b")], capsys)
+    assert code == 2 and "budget 0 is outside (0, 1] in --budgets" in err and err.count("\n") == 1
+    argv = ["--url", f"127.0.0.1:{free_port()}", "--requests", "1", "--out", str(tmp_path / "b")]
+    code, err = _exit(bench_main, argv, capsys)
+    assert code == 2 and err.strip().splitlines()[-1].startswith("vlcache-bench: error: no ready vlcache model at")
+    assert not (tmp_path / "b").exists()
+
+
+class _StubServer:
+    """What :func:`vlcache.serving.server.serve` uses of a TritonServer; ``during`` runs while it waits."""
+
+    def __init__(self, tmp_path: Path, during, exit_code: int | None = None) -> None:
+        import types
+
+        self.repository = tmp_path / "repository"
+        self.log_path = tmp_path / "tritonserver.log"
+        self.log_path.write_text("line 1\nthe last line of the log\n")
+        self.url, self.http_port, self.metrics_port = "127.0.0.1:1", 2, 3
+        self.during, self.exit_code, self.polls = during, exit_code, 0
+        self.process = types.SimpleNamespace(returncode=exit_code)
+        self.calls: list[str] = []
+
+    def start(self) -> None:
+        self.calls.append("start")
+
+    def running(self) -> bool:
+        self.polls += 1
+        if self.polls == 1:
+            self.during()
+        return self.exit_code is None
+
+    def stop(self) -> int:
+        self.calls.append("stop")
+        return -15
+
+    def cleanup(self) -> None:
+        self.calls.append("cleanup")
+
+
+def test_serve_stops_on_sigterm_and_restores_the_handler(tmp_path: Path):
+    import os
+    import signal
+
+    from vlcache.serving.server import serve
+
+    said: list[str] = []
+    server = _StubServer(tmp_path, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    before = signal.getsignal(signal.SIGTERM)
+    assert serve(server, said.append, said.append) is None  # type: ignore[arg-type]
+    assert server.calls == ["start", "stop", "cleanup"]
+    assert said[0].startswith("starting tritonserver") and said[1].startswith("ready: gRPC 127.0.0.1:1")
+    assert said[2:] == ["stopping", "tritonserver stopped (status -15)"]
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_serve_stops_on_ctrl_c_and_reports_an_unexpected_exit(tmp_path: Path):
+    from vlcache.serving.server import serve
+
+    def interrupt() -> None:
+        raise KeyboardInterrupt
+
+    server = _StubServer(tmp_path, interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        serve(server, print, print)  # type: ignore[arg-type]
+    assert server.calls == ["start", "stop", "cleanup"]
+
+    warned: list[str] = []
+    server = _StubServer(tmp_path, lambda: None, exit_code=3)
+    assert serve(server, print, warned.append) == 3  # type: ignore[arg-type]
+    assert len(warned) == 1 and warned[0].startswith("tritonserver exited unexpectedly (status 3)")
+    assert warned[0].endswith("the last line of the log") and server.calls == ["start", "stop", "cleanup"]
 
 
 def test_server_error_class_for_unexpected_failures():

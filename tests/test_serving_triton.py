@@ -13,15 +13,16 @@ import numpy as np
 import pytest
 
 from tests.serving_helpers import make_artifact
+from vlcache.errors import UserError
 from vlcache.serving import protocol
-from vlcache.serving.server import ServeError, TritonServer, find_tritonserver
+from vlcache.serving.server import TritonServer, find_tritonserver
 
 pytestmark = pytest.mark.triton
 
 try:
     find_tritonserver()
     import tritonclient.grpc  # noqa: F401
-except (ServeError, ImportError) as e:  # pragma: no cover - CI installs the serve extra
+except (UserError, ImportError) as e:  # pragma: no cover - CI installs the serve extra
     pytest.skip(f"no Triton server to run: {e}", allow_module_level=True)
 
 from vlcache.client import AsyncClient, Client, InvalidArgument  # noqa: E402
@@ -266,7 +267,7 @@ def test_server_reports_a_model_that_cannot_load(artifact: Path, tmp_path: Path)
     assert read_manifest(broken).backend == "torch"
     (broken / "hf" / "model.safetensors").write_bytes(b"garbage")
     server = TritonServer(broken / "triton", grpc_port=0, http_port=0, metrics_port=0, startup_timeout=120)
-    with pytest.raises(ServeError, match="exited .* before model 'vlcache' was ready") as info:
+    with pytest.raises(UserError, match="exited .* before model 'vlcache' was ready") as info:
         server.start()
     assert "failed to load" in str(info.value)  # the log's tail comes with the error
     assert not server.running()

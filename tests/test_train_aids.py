@@ -3,19 +3,37 @@ behaviour it teaches and reads its targets from the task's own answers."""
 
 from __future__ import annotations
 
+import importlib.util
 import types
+from pathlib import Path
 
 import pytest
 import torch
 
-from vlcache.eval.tasks import DigitScenes
+from vlcache.eval.tasks import IMAGE_SIZE, DigitScenes, vocabulary
+from vlcache.hf.tiny import bundled_processor
+from vlcache.tokens import IMAGE_TOKEN_TEXT
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_tiny_llava.py"
+
+
+@pytest.fixture(scope="module")
+def train_script() -> types.ModuleType:
+    """The training script imported as a module: its aids are what these tests check (the model's
+    format is :mod:`vlcache.hf.tiny`'s)."""
+    spec = importlib.util.spec_from_file_location("train_tiny_llava", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
 
 
 @pytest.fixture(scope="module")
 def encoded(train_script: types.ModuleType):
+    tok = bundled_processor(vocabulary(), IMAGE_SIZE).tokenizer
+
     def encode(mix: dict[str, float], n: int, seed: int):
-        tok = train_script.build_processor().tokenizer
-        image_id = tok.convert_tokens_to_ids("<image>")
+        image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN_TEXT)
         batch = [DigitScenes("train", seed=seed, mix=mix).sample(i) for i in range(n)]
         ids, _, lab = train_script.encode_batch(batch, tok, image_id, 256)
         return batch, ids, lab, image_id

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from vlcache.config import ARTIFACT_BACKENDS, ARTIFACT_FORMAT, BuildConfig
+from vlcache.errors import UserError
 
 MANIFEST = "manifest.json"
 HF_DIR, PROCESSOR_DIR, TRITON_DIR, ONNX_DIR, ENGINES_DIR = "hf", "processor", "triton", "onnx", "engines"
@@ -50,7 +51,7 @@ PACKAGES = ("vlcache", "torch", "transformers", "onnx", "onnxruntime", "tensorrt
 RUNTIME_PACKAGES = {"onnx": ("onnxruntime",), "tensorrt": ("tensorrt",), "torch": ("torch", "transformers")}
 
 
-class ArtifactError(ValueError):
+class ArtifactError(ValueError, UserError):
     """The artifact directory is missing, incomplete, altered or malformed (a one-line message)."""
 
 

@@ -1,5 +1,5 @@
-"""Write a folder all at once: the one way vlcache-build, vlcache-eval and the Triton repository
-renderer replace their output folders.
+"""Write a folder all at once: the one way vlcache-build, vlcache-eval, vlcache-bench and the Triton
+repository renderer replace their output folders.
 
 Contract of :func:`atomic_dir` (``with atomic_dir(target, force=...) as tmp: write into tmp``):
 
@@ -16,8 +16,9 @@ Contract of :func:`atomic_dir` (``with atomic_dir(target, force=...) as tmp: wri
 
 :func:`check_output_dir` is the rule for what may be replaced: a missing path or an empty folder
 always; a non-empty folder only with ``force``; never a file. Its errors are one line and name the
-folder the way the user gave it (``name``: the flag, ``--output`` or ``--out``); ``error`` is the
-exception class raised, so each command keeps its own user-error class.
+folder the way the user gave it (``name``: the flag, ``--out`` for every vlcache command); ``error``
+is the exception class raised: :class:`OutputDirError`, a :class:`~vlcache.errors.UserError` (so a
+command reports it on one line), unless a caller wants its own.
 """
 
 from __future__ import annotations
@@ -30,13 +31,15 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from vlcache.errors import UserError
 
-class OutputDirError(ValueError):
+
+class OutputDirError(ValueError, UserError):
     """The output folder may not be replaced (a one-line message)."""
 
 
 def check_output_dir(
-    path: Path, force: bool, *, name: str = "--output", error: Callable[[str], Exception] = OutputDirError
+    path: Path, force: bool, *, name: str = "--out", error: Callable[[str], Exception] = OutputDirError
 ) -> None:
     """Raise ``error(message)`` unless ``path`` is absent, an empty folder, or a folder ``force`` lets us replace."""
     if path.exists() and not path.is_dir():
@@ -65,7 +68,7 @@ def atomic_dir(
     target: str | Path,
     *,
     force: bool = False,
-    name: str = "--output",
+    name: str = "--out",
     error: Callable[[str], Exception] = OutputDirError,
     suffix: str = ".tmp",
 ) -> Iterator[Path]:

@@ -2,9 +2,16 @@
 Both validate themselves and hash what changes results.
 
 One source of truth for the defaults: the CLI flags, the build manifest and the methods all read
-them from here. The algorithms' own constants (p, the chunk size, PyramidKV's β) come from
-:mod:`vlcache.core`, the lowest layer, which the export and the plugins read too. The names of
-backends and dtypes (:data:`BACKENDS` and the lists made from it, :data:`DTYPES`) are defined here.
+them from here or from the methods' settings. The algorithms' own constants (p, the chunk size,
+PyramidKV's β, VL-Cache's recent fraction) come from :mod:`vlcache.core`, the lowest layer, which the
+export and the plugins read too. The names of backends and dtypes (:data:`BACKENDS` and the lists
+made from it, :data:`DTYPES`) are defined here.
+
+A compression config has the fields every method reads (method, budget, β_min, per-head selection,
+chunk size) and one :class:`~vlcache.methods.base.MethodSettings` of the chosen method (its own
+knobs, declared next to it, as kvpress gives each press its own fields): changing SnapKV's
+``pool_kernel`` cannot change the hash of a ``vlcache`` config, because a ``vlcache`` config has
+no ``pool_kernel``.
 """
 
 from __future__ import annotations
@@ -12,18 +19,33 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING, Any, cast
 
 from vlcache.core.attention import DEFAULT_CHUNK
-from vlcache.core.budgets import DEFAULT_PYRAMID_BETA, check_budget
-from vlcache.core.sparsity import DEFAULT_THRESHOLD
+from vlcache.core.budgets import check_budget
 
-#: VL-Cache's recent window, as a fraction of each layer's budget: the paper's experiments keep 10%
-#: (read so by the public reimplementations MosaicKV and EffiVLM-Bench; DESIGN.md, step 5).
-DEFAULT_RECENT_FRACTION = 0.1
+if TYPE_CHECKING:
+    from vlcache.methods.base import MethodSettings
 
 # Bump when the meaning of a field changes, so old hashes stop matching.
-CONFIG_SCHEMA = 2  # 2: recent_fraction (VL-Cache's recent window)
+CONFIG_SCHEMA = 3  # 2: recent_fraction (VL-Cache's recent window); 3: per-method settings
+#: The fields of :class:`CompressionConfig` every method reads (the rest is ``settings``).
+COMMON_FIELDS = ("method", "budget", "min_layer_budget", "per_head", "chunk_size")
+
+
+def _method_class(name: str) -> Any:
+    from vlcache.methods import method_class  # lazy: the methods import torch
+
+    return method_class(name)
+
+
+def settings_read_by(method: str, candidates: Mapping[str, Any]) -> dict[str, Any]:
+    """The items of ``candidates`` that ``method`` has as settings: a sweep's shared knobs (one
+    seed for every method that has a ``seed``) without handing a method a setting it lacks."""
+    own = _method_class(method).settings_type.names()
+    return {k: v for k, v in candidates.items() if k in own}
 
 
 @dataclass(frozen=True)
@@ -33,69 +55,73 @@ class CompressionConfig:
     Attributes:
         method: a registered method name (see ``vlcache.methods.available()``).
         budget: α, the fraction of the prompt's KV entries kept after prefill, in (0, 1].
-        threshold: p of VL-Cache's sparsity filter: attention below ``p · rowmax`` counts as zero.
         min_layer_budget: β_min, the smallest fraction of the prompt any layer keeps (≥ 1 token).
         per_head: each KV head keeps its own top-k (True) or one set per layer shared by heads.
-        window: SnapKV / PyramidKV observation window, in tokens (the window itself is kept).
-        pool_kernel: SnapKV's max-pooling kernel over key scores (odd).
-        sinks: leading tokens always kept by StreamingLLM and TGV-KV.
-        query_window: VL-Cache scores with the whole post-vision span when None; with the last
-            ``query_window`` prompt tokens otherwise (the paper's speed setup used 50).
-        recent_fraction: f, VL-Cache's recent window: a layer that keeps k tokens keeps its last
-            ``max(1, floor(f · k))`` prompt tokens inside k and fills the rest by score; 0 is the
-            paper's Algorithm 1 alone (an ablation, also registered as ``vlcache-nowindow``).
-        pyramid_beta: PyramidKV's ratio between the mean and the smallest layer budget.
         chunk_size: query rows per chunk when computing attention statistics (memory, not results).
-        seed: seed of the `random` baseline.
+        settings: the method's own settings (``method_class(method).settings_type``); a mapping
+            ``{name: value}`` or None (the method's defaults) is turned into one. An unknown name,
+            or a settings object of another method, raises ValueError.
+
+    ``CompressionConfig.create("snapkv", budget=0.2, window=16)`` sorts keyword arguments into the
+    common fields and the method's settings. ``config.settings.threshold`` reads a setting.
     """
 
     method: str = "vlcache"
     budget: float = 0.1
-    threshold: float = DEFAULT_THRESHOLD
     min_layer_budget: float = 0.01
     per_head: bool = True
-    window: int = 32
-    pool_kernel: int = 5
-    sinks: int = 4
-    query_window: int | None = None
-    recent_fraction: float = DEFAULT_RECENT_FRACTION
-    pyramid_beta: float = DEFAULT_PYRAMID_BETA
     chunk_size: int = DEFAULT_CHUNK
-    seed: int = 0
+    settings: MethodSettings | Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        from vlcache.methods import available  # lazy: methods import this module's neighbours
-
-        if self.method not in available():
-            raise ValueError(f"unknown method {self.method!r}; known methods: {', '.join(available())}")
+        cls = _method_class(self.method)
         check_budget(self.budget)
-        if not 0.0 <= self.threshold < 1.0:
-            raise ValueError(f"threshold must lie in [0, 1), got {self.threshold}")
         if not 0.0 <= self.min_layer_budget <= 1.0:
             raise ValueError(f"min_layer_budget must lie in [0, 1], got {self.min_layer_budget}")
-        for name in ("window", "pool_kernel", "chunk_size"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.pool_kernel % 2 == 0:
-            raise ValueError(f"pool_kernel must be odd, got {self.pool_kernel}")
-        if self.sinks < 0:
-            raise ValueError(f"sinks must be >= 0, got {self.sinks}")
-        if self.query_window is not None and self.query_window < 1:
-            raise ValueError(f"query_window must be >= 1 or None, got {self.query_window}")
-        if not 0.0 <= self.recent_fraction < 1.0:
-            raise ValueError(f"recent_fraction must lie in [0, 1), got {self.recent_fraction}")
-        if self.pyramid_beta < 1:
-            raise ValueError(f"pyramid_beta must be >= 1, got {self.pyramid_beta}")
+        if int(self.chunk_size) < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        given = self.settings
+        if given is None or isinstance(given, Mapping):
+            settings = cls.settings_type.from_mapping(self.method, dict(given or {}))
+        elif type(given) is cls.settings_type:
+            settings = given
+        else:
+            raise ValueError(f"method {self.method!r} takes {cls.settings_type.__name__}, not {type(given).__name__}")
+        object.__setattr__(self, "settings", settings)
+
+    @classmethod
+    def create(cls, method: str = "vlcache", budget: float = 0.1, **kwargs: Any) -> CompressionConfig:
+        """A config from flat keyword arguments: common fields by name, the rest as ``method``'s
+        settings (ValueError for a name that is neither)."""
+        common = {k: kwargs.pop(k) for k in list(kwargs) if k in COMMON_FIELDS}
+        return cls(method=method, budget=budget, settings=kwargs, **common)
+
+    def with_changes(self, **changes: Any) -> CompressionConfig:
+        """A copy with ``changes`` (common fields or settings, flat). A new ``method`` keeps the
+        settings it shares with the old one (``vlcache`` → ``vlcache-uniform`` keeps the threshold)
+        and takes its own defaults for the rest."""
+        method = changes.pop("method", self.method)
+        own = _method_class(method).settings_type.names()
+        kept = {k: v for k, v in self.settings_dict().items() if k in own}
+        common = {k: getattr(self, k) for k in COMMON_FIELDS if k != "method"}
+        common.update({k: changes.pop(k) for k in list(changes) if k in COMMON_FIELDS})
+        return CompressionConfig(method=method, settings={**kept, **changes}, **common)
+
+    def settings_dict(self) -> dict[str, Any]:
+        """The method's settings as ``{name: value}`` (every field, defaults included)."""
+        return asdict(cast("MethodSettings", self.settings))  # a MethodSettings after __post_init__
 
     def min_keep(self, prompt_len: int) -> int:
         """k_min in tokens for a prompt of ``prompt_len`` tokens: ``max(1, ceil(β_min · m))``."""
         return max(1, math.ceil(self.min_layer_budget * prompt_len - 1e-9))
 
     def to_dict(self) -> dict[str, object]:
-        return asdict(self)
+        d: dict[str, object] = {k: getattr(self, k) for k in COMMON_FIELDS}
+        d["settings"] = self.settings_dict()
+        return d
 
     @classmethod
-    def from_dict(cls, data: dict[str, object]) -> CompressionConfig:
+    def from_dict(cls, data: Mapping[str, object]) -> CompressionConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -103,7 +129,8 @@ class CompressionConfig:
         return cls(**data)  # type: ignore[arg-type]
 
     def compute_hash(self) -> str:
-        """Stable 16-hex-digit hash of every field that changes results (chunk_size does not)."""
+        """Stable 16-hex-digit hash of what changes results: the common fields but chunk_size, and
+        the chosen method's settings (no other method's)."""
         payload = {k: v for k, v in self.to_dict().items() if k != "chunk_size"}
         payload["schema"] = CONFIG_SCHEMA
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
@@ -129,7 +156,8 @@ RUNTIME_BACKENDS = ("auto", *(b for b in BACKENDS if b != "torch"))
 #: Weight and activation dtypes, by their torch names (``getattr(torch, name)``).
 DTYPES = ("float32", "float16", "bfloat16")
 #: Bump when the artifact layout or the meaning of a field changes.
-ARTIFACT_FORMAT = 2  # 2: the build config is the one source (no top-level copies in manifest.json)
+ARTIFACT_FORMAT = 3  # 2: the build config is the one source (no top-level copies in manifest.json);
+# 3: the compression config holds its method's settings only
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,11 @@ def optimization_profile(spec: ExportSpec, role: str, max_input_len: int | None 
     longest sequence); each layer's past length has its own range because layers keep different
     numbers of tokens after eviction.
     """
+    if role == "decoder" and spec.attention != names.ATTENTION_STANDARD:
+        raise ValueError(
+            f"the decoder of this export uses {spec.attention!r} attention (ONNX Runtime's GroupQueryAttention); "
+            "TensorRT builds from export_llava(..., attention='standard')"
+        )
     n_max = max_input_len or spec.max_input_len
     if n_max < 2:
         raise ValueError(f"max_input_len must be >= 2, got {n_max}")
@@ -110,9 +115,14 @@ def build_engines(onnx_dir: Path, out_dir: Path, *, dtype: str = "float16", max_
     from vlcache_plugins.graph import to_tensorrt_plugins
     from vlcache_plugins.tensorrt_plugins import import_plugin_api, register_tensorrt_plugins
 
+    spec = ExportSpec.load(onnx_dir)
+    if spec.attention != names.ATTENTION_STANDARD:
+        raise ValueError(
+            f"{onnx_dir}: the decoder uses {spec.attention!r} attention (an ONNX Runtime op TensorRT cannot parse); "
+            "export with attention='standard' for a TensorRT build"
+        )
     trt, _ = import_plugin_api()
     register_tensorrt_plugins()
-    spec = ExportSpec.load(onnx_dir)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     engines: dict[str, str] = {}

@@ -2,16 +2,12 @@
 
 Modules, from the bottom up (light at import; torch / transformers / onnx load on first use). The
 config is :class:`vlcache.config.BuildConfig`; the artifact's layout and manifest are
-:mod:`vlcache.artifact`.
+:mod:`vlcache.artifact`. User mistakes raise :class:`vlcache.errors.UserError`.
 
 * :mod:`vlcache.builder.profiles` — the YAML build profiles in ``builder/`` (model aliases).
 * :mod:`vlcache.builder.source` — resolve ``--model`` (alias, HF id in the local cache, folder).
 * :mod:`vlcache.builder.build` — the stages, written to a temporary folder renamed when complete.
-* :mod:`vlcache.builder.cli` — the ``vlcache-build`` command.
+* :mod:`vlcache.cli.build` — the ``vlcache-build`` command.
 """
 
 from __future__ import annotations
-
-
-class BuildError(Exception):
-    """A user mistake or an unmet requirement: the CLI prints it on one line and exits with status 2."""

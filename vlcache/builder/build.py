@@ -1,5 +1,5 @@
 """The build: resolve the model, load it, write the backend's files, the processor, the Triton model
-repository and the manifest — into a temporary folder beside ``--output``, renamed when complete, so
+repository and the manifest — into a temporary folder beside ``--out``, renamed when complete, so
 an interrupted or failed build leaves nothing half-written.
 
 The stages are one list, :func:`build_stages` (what ``--dry-run`` shows is what the build runs and
@@ -34,9 +34,9 @@ from vlcache.artifact import (
     versions,
 )
 from vlcache.atomic import atomic_dir, check_output_dir
-from vlcache.builder import BuildError
 from vlcache.builder.source import ModelSource, hash_tree, resolve_source
 from vlcache.config import ARTIFACT_FORMAT, BuildConfig
+from vlcache.errors import UserError
 from vlcache.runtime.tensorrt_support import tensorrt_available
 
 Progress = Callable[[str], None]
@@ -46,7 +46,7 @@ def resolve_backend(backend: str) -> str:
     if backend == "auto":
         return "tensorrt" if tensorrt_available() else "onnx"
     if backend == "tensorrt" and not tensorrt_available():
-        raise BuildError(
+        raise UserError(
             "--backend tensorrt needs TensorRT and an NVIDIA GPU (neither is usable here); "
             "use --backend onnx on a CPU machine, or build on a GPU host with TensorRT installed"
         )
@@ -94,43 +94,51 @@ def make_plan(model: str, config: BuildConfig, output: Path, *, explicit: frozen
     try:
         config = replace(config, **overrides)
     except ValueError as e:
-        raise BuildError(str(e)) from None
+        raise UserError(str(e)) from None
     return Plan(source, config, Path(output))
 
 
 def _check_model_fits(model: Any, config: BuildConfig) -> int:
-    """The model's image tokens per image; BuildError if max_input_len cannot hold one image and a question."""
+    """The model's image tokens per image; UserError if max_input_len cannot hold one image and a question."""
     n_image = int(getattr(model.config, "image_seq_length", 0) or 0)
     if n_image and config.max_input_len <= n_image + 1:
-        raise BuildError(
+        raise UserError(
             f"--max-input-len {config.max_input_len} cannot hold one image ({n_image} image tokens) and a question"
         )
     return n_image
 
 
-def _export_onnx(model: Any, folder: Path, config: BuildConfig) -> None:
+def _export_onnx(model: Any, folder: Path, config: BuildConfig, attention: str = "fused") -> None:
+    """``attention``: the decoder graph; ``fused`` for ONNX Runtime, ``standard`` for TensorRT (standard ops only)."""
     try:
         from vlcache.export import export_llava
     except ImportError as e:
-        raise BuildError(f"the onnx backend needs the onnx extra (pip install 'vlcache[onnx]'): {e}") from None
+        raise UserError(f"the onnx backend needs the onnx extra (pip install 'vlcache[onnx]'): {e}") from None
     try:
-        export_llava(model, folder, dtype=config.dtype, opset=config.opset, max_input_len=config.max_input_len)
+        export_llava(
+            model,
+            folder,
+            dtype=config.dtype,
+            opset=config.opset,
+            max_input_len=config.max_input_len,
+            attention=attention,
+        )
     except ValueError as e:  # an unsupported model or setting (LLaVA-NeXT, a dtype the exporter refuses)
-        raise BuildError(f"ONNX export failed: {e}") from None
+        raise UserError(f"ONNX export failed: {e}") from None
 
 
 def _build_engines(model: Any, folder: Path, config: BuildConfig, progress: Progress) -> None:
     """GPU hosts only (guarded by :func:`resolve_backend`); never run on a GPU by this project yet.
     The fp32 ONNX export is the engines' source; TensorRT lowers precision to ``config.dtype``."""
     onnx_dir = folder.parent / ONNX_DIR
-    _export_onnx(model, onnx_dir, replace(config, dtype="float32"))
+    _export_onnx(model, onnx_dir, replace(config, dtype="float32"), attention="standard")
     from vlcache_plugins.build import build_engines
 
     progress("      building TensorRT engines (this takes minutes)")
     try:
         build_engines(onnx_dir, folder, dtype=config.dtype, max_input_len=config.max_input_len)
     except RuntimeError as e:
-        raise BuildError(f"TensorRT engine build failed: {e}") from None
+        raise UserError(f"TensorRT engine build failed: {e}") from None
 
 
 def _render_triton(artifact: Path) -> None:
@@ -141,7 +149,7 @@ def _render_triton(artifact: Path) -> None:
     try:
         render_repository(artifact)
     except (OSError, ValueError) as e:
-        raise BuildError(f"rendering the Triton model repository failed: {e}") from None
+        raise UserError(f"rendering the Triton model repository failed: {e}") from None
 
 
 @dataclass
@@ -162,14 +170,11 @@ Stage = Callable[[_Work], str]
 
 
 def _load_model(work: _Work) -> str:
-    from vlcache.hf.loading import CheckpointError, load_model
+    from vlcache.hf.loading import load_model
 
     plan, cfg = work.plan, work.plan.config
     work.progress(f"      {plan.source.spec} ({plan.source.path}, {cfg.dtype})")
-    try:
-        work.loaded = load_model(str(plan.source.path), dtype=cfg.dtype)
-    except CheckpointError as e:
-        raise BuildError(str(e)) from None
+    work.loaded = load_model(str(plan.source.path), dtype=cfg.dtype)  # CheckpointError is a UserError
     work.n_image = _check_model_fits(work.loaded.model, cfg)
     params = sum(p.numel() for p in work.loaded.model.parameters())
     return f"{params / 1e6:.1f}M parameters, {work.n_image} image tokens per image"
@@ -237,7 +242,7 @@ def _verify(work: _Work) -> str:
     try:
         verify_artifact(work.tmp)
     except ArtifactError as e:
-        raise BuildError(f"the artifact failed its own verification: {e}") from None
+        raise UserError(f"the artifact failed its own verification: {e}") from None
     return ""
 
 
@@ -248,7 +253,7 @@ def build_stages(backend: str) -> tuple[tuple[str, Stage], ...]:
     """The build's stages for ``backend`` (resolved, not ``auto``), in order: the one list that
     ``--dry-run`` shows (:attr:`Plan.stages`) and :func:`build` runs and prints as ``[i/n] name``."""
     if backend not in _BACKEND_STAGE:
-        raise BuildError(f"no build stages for backend {backend!r}; expected one of {', '.join(_BACKEND_STAGE)}")
+        raise UserError(f"no build stages for backend {backend!r}; expected one of {', '.join(_BACKEND_STAGE)}")
     return (
         ("load model", _load_model),
         ("processor and tokenizer", _save_processor),
@@ -263,10 +268,10 @@ def build(plan: Plan, *, force: bool = False, progress: Progress = print) -> dic
     """Run the plan's :func:`build_stages`; returns the manifest. The output appears only when every
     stage succeeded (:func:`vlcache.atomic.atomic_dir`: the stages write a ``.partial`` folder beside it)."""
     output = plan.output.absolute()
-    check_output_dir(output, force, error=BuildError)  # before the minutes of work, and again at the swap
+    check_output_dir(output, force)  # before the minutes of work, and again at the swap
     t_start = time.perf_counter()
     todo = build_stages(plan.config.backend)
-    with atomic_dir(output, force=force, error=BuildError, suffix=".partial") as tmp:
+    with atomic_dir(output, force=force, suffix=".partial") as tmp:
         work = _Work(plan, tmp, progress)
         for i, (name, run_stage) in enumerate(todo, start=1):
             progress(f"[{i}/{len(todo)}] {name} ...")

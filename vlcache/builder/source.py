@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlcache.artifact import sha256_file
-from vlcache.builder import BuildError
 from vlcache.builder.profiles import Profile, available_profiles
-from vlcache.hf.loading import CheckpointError, bundled_path, model_type_of
+from vlcache.errors import UserError
+from vlcache.hf.loading import bundled_path, model_type_of
 
 
 @dataclass(frozen=True)
@@ -45,9 +45,9 @@ def _hf_cache_dir() -> str:
     return str(constants.HF_HUB_CACHE)
 
 
-def _not_cached(repo_id: str, alias: str | None) -> BuildError:
+def _not_cached(repo_id: str, alias: str | None) -> UserError:
     what = f"model {alias!r} ({repo_id})" if alias else f"HF model {repo_id}"
-    return BuildError(
+    return UserError(
         f"{what} is not in the local HuggingFace cache ({_hf_cache_dir()}) and nothing can be downloaded "
         f"here; fetch it where there is internet access (`hf download {repo_id}`) and copy the cache, "
         "set HF_HUB_CACHE to where it is, or pass a local checkpoint folder to --model"
@@ -55,19 +55,16 @@ def _not_cached(repo_id: str, alias: str | None) -> BuildError:
 
 
 def _checked(path: Path, spec: str, kind: str, profile: Profile | None, hf_id: str | None) -> ModelSource:
-    try:
-        model_type = model_type_of(path)
-    except CheckpointError as e:
-        raise BuildError(str(e)) from None
+    model_type = model_type_of(path)  # CheckpointError is a UserError
     if profile is not None and profile.model_type != model_type:
-        raise BuildError(
+        raise UserError(
             f"{path} holds a {model_type!r} model, but profile {profile.name!r} expects {profile.model_type!r}"
         )
     return ModelSource(spec, path, kind, model_type, profile, hf_id)
 
 
 def resolve_source(spec: str, profiles: dict[str, Profile] | None = None) -> ModelSource:
-    """``spec`` -> the checkpoint folder to build from (BuildError when it cannot be found)."""
+    """``spec`` -> the checkpoint folder to build from (UserError when it cannot be found)."""
     profiles = available_profiles() if profiles is None else profiles
     if spec in profiles:
         prof = profiles[spec]
@@ -75,7 +72,7 @@ def resolve_source(spec: str, profiles: dict[str, Profile] | None = None) -> Mod
         if scheme == "bundled":
             path = bundled_path(target)
             if not (path / "config.json").is_file():
-                raise BuildError(
+                raise UserError(
                     f"bundled model {target!r} not found at {path}; train it with "
                     f"`python scripts/train_tiny_llava.py --out {path}`"
                 )
@@ -85,11 +82,11 @@ def resolve_source(spec: str, profiles: dict[str, Profile] | None = None) -> Mod
             if found is None:
                 raise _not_cached(target, spec)
             return _checked(found, spec, "hf-cache", prof, target)
-        raise BuildError(f"profile {prof.path} has source {prof.source!r}; expected 'bundled:NAME' or 'hf:ORG/NAME'")
+        raise UserError(f"profile {prof.path} has source {prof.source!r}; expected 'bundled:NAME' or 'hf:ORG/NAME'")
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise BuildError(f"{path} has no config.json: not a HuggingFace checkpoint folder")
+            raise UserError(f"{path} has no config.json: not a HuggingFace checkpoint folder")
         return _checked(path.resolve(), spec, "local", None, None)
     if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
         found = _hf_cache_lookup(spec)
@@ -97,7 +94,7 @@ def resolve_source(spec: str, profiles: dict[str, Profile] | None = None) -> Mod
             raise _not_cached(spec, None)
         return _checked(found, spec, "hf-cache", None, spec)
     aliases = ", ".join(profiles) or "none (the builder/ folder holds no profiles)"
-    raise BuildError(
+    raise UserError(
         f"--model {spec!r} is not a profile alias ({aliases}), a local folder, or a HF id (org/name) in the local cache"
     )
 

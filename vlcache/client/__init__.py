@@ -4,7 +4,7 @@
   ``tritonclient.grpc``: ``generate(...)`` -> :class:`Generation` (text, TTFT, inter-token
   latencies, latency, token counts, server stats); ``stream(...)`` yields :class:`Chunk` s.
 * :mod:`vlcache.client.stats` — percentiles and throughput of a set of generations.
-* :mod:`vlcache.client.bench` — the ``vlcache-bench`` command.
+* :mod:`vlcache.client.bench` — the benchmark the ``vlcache-bench`` command (:mod:`vlcache.cli.bench`) runs.
 
 Light at import: tritonclient loads when a client is created.
 """

@@ -1,4 +1,5 @@
-"""`vlcache-bench`: latency and throughput of a running vlcache server, several budgets side by side.
+"""Latency and throughput of a running vlcache server, several budgets side by side: what `vlcache-bench`
+(:mod:`vlcache.cli.bench`) runs.
 
 Contract:
 * Workload: images from ``--images DIR`` (every PNG / JPEG in it, sorted; prompt ``--prompt``), or
@@ -9,11 +10,12 @@ Contract:
   seconds) with ``--concurrency`` in flight, over the asyncio client.
 * Reports per budget: TTFT, inter-token latency and request latency (mean, p50, p90, p99), output
   tokens/s and requests/s over the measured wall time, mean KV bytes after compression, failures.
-  Prints a table; writes ``results.json`` (summaries + every request), ``summary.csv`` and
-  ``latency.png`` / ``throughput.png`` into ``--out`` (plots need matplotlib); the last stdout line
-  is one JSON object ``{"results": [...]}``.
+  Prints a table; :func:`write_results` writes ``results.json`` (summaries + every request),
+  ``summary.csv`` and ``latency.png`` / ``throughput.png`` into ``--out`` all at once
+  (:func:`vlcache.atomic.atomic_dir`: a non-empty ``--out`` is replaced only with ``--force``; plots
+  need matplotlib); the last stdout line is one JSON object ``{"results": [...]}``.
 * Exit status 0 when every request succeeded, 1 when some failed, 2 on a usage error or an
-  unreachable server (one-line message, no traceback).
+  unreachable server (one-line message, no traceback: :class:`~vlcache.errors.UserError`).
 """
 
 from __future__ import annotations
@@ -24,34 +26,32 @@ import csv
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from vlcache.cli import parse_budgets
-from vlcache.client.client import DEFAULT_URL, AsyncClient, ClientError, Generation, encode_image
+from vlcache.atomic import atomic_dir
+from vlcache.client.client import AsyncClient, ClientError, Generation, encode_image
 from vlcache.client.stats import summarize
+from vlcache.errors import UserError
 
 DEFAULT_PROMPT = "describe the image"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-
-
-class BenchError(Exception):
-    """A usage mistake or an unreachable server (one-line message)."""
 
 
 def load_workload(images: Path | None, prompt: str | None, count: int) -> list[tuple[bytes, str]]:
     """(encoded image, prompt) pairs: a folder's images, or the digits task's test scenes."""
     if images is not None:
         if not images.is_dir():
-            raise BenchError(f"--images: no such directory: {images}")
+            raise UserError(f"--images: no such directory: {images}")
         files = sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
-            raise BenchError(f"--images: no PNG / JPEG files in {images}")
+            raise UserError(f"--images: no PNG / JPEG files in {images}")
         return [(p.read_bytes(), prompt or DEFAULT_PROMPT) for p in files]
     try:
         from vlcache.eval.tasks import DigitScenes
     except ImportError as e:
-        raise BenchError(f"the default digits scenes need the eval extra ({e}); pass --images DIR") from None
+        raise UserError(f"the default digits scenes need the eval extra ({e}); pass --images DIR") from None
     scenes = DigitScenes("test", seed=0)
     out = []
     for i in range(max(1, min(count, 64))):
@@ -204,19 +204,17 @@ def write_plots(out: Path, summaries: list[dict[str, Any]], records: list[dict[s
     return [latency, throughput]
 
 
-async def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+async def run(args: argparse.Namespace, budgets: Sequence[float]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Measure ``budgets`` one after another on the server at ``args.url`` (the other settings are
+    vlcache-bench's flags); (a summary per budget, every request's record)."""
     from tqdm import tqdm
 
-    try:
-        budgets = parse_budgets(args.budgets)
-    except ValueError as e:
-        raise BenchError(str(e)) from None
     count = args.requests if args.requests is not None else 64
     workload = load_workload(args.images, args.prompt, count)
     client = AsyncClient(args.url, timeout=args.timeout)
     try:
         if not await client.ready():
-            raise BenchError(f"no ready vlcache model at {args.url} (start one with vlcache-serve)")
+            raise UserError(f"no ready vlcache model at {args.url} (start one with vlcache-serve)")
         summaries, records = [], []
         for budget in budgets:
             total = args.requests if args.requests is not None else None
@@ -229,67 +227,21 @@ async def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict
         await client.close()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="vlcache-bench",
-        description="Benchmark a running vlcache server over gRPC: TTFT, inter-token latency, request "
-        "latency, throughput and KV bytes, for several per-request budgets.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--url", default=DEFAULT_URL, help="host:port of the server's gRPC endpoint")
-    p.add_argument("--budgets", default="1.0,0.1", help="comma-separated budgets α, measured in this order")
-    p.add_argument(
-        "--requests", type=int, default=None, help="measured requests per budget (default 32 unless --duration)"
-    )
-    p.add_argument("--duration", type=float, default=None, help="measure each budget for this many seconds instead")
-    p.add_argument("--concurrency", type=int, default=1, help="requests in flight")
-    p.add_argument("--warmup", type=int, default=2, help="unmeasured requests per budget before measuring")
-    p.add_argument("--max-tokens", type=int, default=16, help="max_tokens of each request")
-    p.add_argument("--method", default=None, help="compression method (default: the deployment's)")
-    p.add_argument("--images", type=Path, default=None, help="folder of PNG / JPEG images (default: digits scenes)")
-    p.add_argument(
-        "--prompt",
-        default=None,
-        help=f"prompt for every request (default: the digits questions, or {DEFAULT_PROMPT!r} with --images)",
-    )
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take")
-    p.add_argument("--out", type=Path, default=Path("out/bench"), help="folder for results.json, summary.csv and plots")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        if args.requests is None and args.duration is None:
-            args.requests = 32
-        if args.requests is not None and args.requests < 1:
-            raise BenchError("--requests must be >= 1")
-        if args.duration is not None and args.duration <= 0:
-            raise BenchError("--duration must be > 0")
-        if args.concurrency < 1 or args.warmup < 0 or args.max_tokens < 1:
-            raise BenchError("--concurrency and --max-tokens must be >= 1, --warmup >= 0")
-        summaries, records = asyncio.run(run(args))
-    except BenchError as e:
-        print(f"vlcache-bench: error: {e}", file=sys.stderr)
-        return 2
-    except ClientError as e:
-        print(f"vlcache-bench: error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("vlcache-bench: interrupted", file=sys.stderr)
-        return 130
-    print(format_table(summaries))
-    args.out.mkdir(parents=True, exist_ok=True)
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    (args.out / "results.json").write_text(
-        json.dumps({"config": config, "results": summaries, "requests": records}, indent=1) + "\n", encoding="utf-8"
-    )
-    write_csv(args.out / "summary.csv", summaries)
-    written = [args.out / "results.json", args.out / "summary.csv", *write_plots(args.out, summaries, records)]
-    print("wrote " + ", ".join(str(p) for p in written))
-    print(json.dumps({"results": summaries}))
-    return 0 if all(s["failed"] == 0 for s in summaries) else 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+def write_results(
+    out: Path,
+    config: dict[str, Any],
+    summaries: list[dict[str, Any]],
+    records: list[dict[str, Any]],
+    *,
+    force: bool = False,
+) -> list[Path]:
+    """results.json, summary.csv and the plots, written into ``out`` all at once (a non-empty ``out``
+    is replaced only with ``force``); the paths written."""
+    with atomic_dir(out, force=force) as tmp:
+        (tmp / "results.json").write_text(
+            json.dumps({"config": config, "results": summaries, "requests": records}, indent=1) + "\n",
+            encoding="utf-8",
+        )
+        write_csv(tmp / "summary.csv", summaries)
+        names = ["results.json", "summary.csv", *(p.name for p in write_plots(tmp, summaries, records))]
+    return [out / name for name in names]

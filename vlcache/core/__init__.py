@@ -1,7 +1,8 @@
 """Pure tensor functions behind every method: no transformers, onnx or tensorrt import here.
 
 Runners (HF, ONNX Runtime, TensorRT) and the plugin kernels are all checked against these. The
-algorithms' defaults (``DEFAULT_THRESHOLD`` p, ``DEFAULT_CHUNK``, ``DEFAULT_PYRAMID_BETA``) are defined
+algorithms' defaults (``DEFAULT_THRESHOLD`` p, ``DEFAULT_CHUNK``, ``DEFAULT_PYRAMID_BETA``,
+``DEFAULT_RECENT_FRACTION``) are defined
 here, the lowest layer, and read from here by :mod:`vlcache.config`, the export and the plugins.
 """
 
@@ -22,7 +23,7 @@ from vlcache.core.budgets import (
     total_budget,
     uniform_budgets,
 )
-from vlcache.core.selection import compact, forced_positions, select_kept
+from vlcache.core.selection import DEFAULT_RECENT_FRACTION, compact, forced_positions, recent_window, select_kept
 from vlcache.core.sparsity import (
     DEFAULT_THRESHOLD,
     PostVisionStats,
@@ -34,6 +35,7 @@ from vlcache.core.sparsity import (
 __all__ = [
     "DEFAULT_CHUNK",
     "DEFAULT_PYRAMID_BETA",
+    "DEFAULT_RECENT_FRACTION",
     "DEFAULT_THRESHOLD",
     "PostVisionStats",
     "allocate_budgets",
@@ -48,6 +50,7 @@ __all__ = [
     "post_vision_statistics",
     "proportional_budgets",
     "pyramid_budgets",
+    "recent_window",
     "select_kept",
     "total_budget",
     "uniform_budgets",

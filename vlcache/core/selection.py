@@ -9,7 +9,20 @@ returned in original order, so the relative order of the kept tokens never chang
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+#: VL-Cache's recent window, as a fraction f of each layer's budget: the paper's experiments keep
+#: 10% (read so by the public reimplementations MosaicKV and EffiVLM-Bench; DESIGN.md, step 5).
+DEFAULT_RECENT_FRACTION = 0.1
+
+
+def recent_window(fraction: float, k: int) -> int:
+    """w = max(1, floor(f · k)) trailing prompt tokens kept inside a budget of k; 0 when f or k is 0."""
+    if fraction <= 0 or k <= 0:
+        return 0
+    return min(k, max(1, math.floor(fraction * k + 1e-9)))
 
 
 def forced_positions(prompt_len: int, k: int, sinks: int = 0, recent: int = 0) -> torch.Tensor:

@@ -6,17 +6,14 @@ Modules, from the bottom up (light at import; torch / transformers load on first
 * :mod:`vlcache.eval.passkey` — the text task `passkey`: a pass key hidden in 1–2k tokens of filler.
 * :mod:`vlcache.eval.metrics` — answer scoring: exact match, VQA accuracy, ANLS.
 * :mod:`vlcache.eval.datasets` — samples of a task: `digits`, `passkey` or a local JSONL file.
-* :mod:`vlcache.eval.models` — locate and load a checkpoint (bundled `llava-tiny`, `smollm2`, or a
-  local VLM or causal-LM folder).
 * :mod:`vlcache.eval.runner` — generate one sample's answers under a list of compression configs
   (text tasks: from one shared prefill).
 * :mod:`vlcache.eval.report` — aggregate, print the table, write JSON / CSV / plot atomically.
-* :mod:`vlcache.eval.cli` — the ``vlcache-eval`` command.
+
+The models come from :mod:`vlcache.hf.loading` (the bundled `llava-tiny` or a local VLM folder) and
+:mod:`vlcache.hf.causal_lm` (`smollm2` or a local causal-LM folder; :func:`~vlcache.hf.causal_lm.is_text_model`
+tells them apart); the ``vlcache-eval`` command is :mod:`vlcache.cli.eval`. User mistakes (bad flag,
+missing file, malformed dataset line) raise :class:`vlcache.errors.UserError`.
 """
 
 from __future__ import annotations
-
-
-class EvalError(Exception):
-    """A user mistake (bad flag, missing file, malformed dataset line): the CLI prints its message on
-    one line and exits with status 2, without a traceback."""

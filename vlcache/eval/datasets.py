@@ -14,7 +14,7 @@ Contract:
   optional ``"metric"`` (``vqa``, ``anls`` or ``exact``; the file-wide default otherwise) and
   ``"kind"`` (a label to group accuracy by). Relative image paths are resolved against the file's
   folder. Blank lines are skipped; other keys are ignored. Images are opened (header only) at load
-  time and decoded when evaluated. Any problem raises :class:`~vlcache.eval.EvalError` naming the
+  time and decoded when evaluated. Any problem raises :class:`~vlcache.errors.UserError` naming the
   file and line number.
 """
 
@@ -27,7 +27,7 @@ from typing import Any
 
 from PIL import Image
 
-from vlcache.eval import EvalError
+from vlcache.errors import UserError
 from vlcache.eval.metrics import METRICS
 
 DEFAULT_DIGITS_SAMPLES = 100
@@ -125,8 +125,8 @@ def load_passkey(n: int, seed: int = 0) -> Task:
     return Task("passkey", samples, "passkey", MAX_NEW_TOKENS)
 
 
-def _line_error(path: Path, lineno: int, message: str) -> EvalError:
-    return EvalError(f"{path} line {lineno}: {message}")
+def _line_error(path: Path, lineno: int, message: str) -> UserError:
+    return UserError(f"{path} line {lineno}: {message}")
 
 
 def _parse_line(path: Path, lineno: int, line: str, default_metric: str) -> EvalSample:
@@ -165,9 +165,9 @@ def load_jsonl(path: Path | str, n: int | None = None, metric: str = "vqa") -> T
     """The first ``n`` samples (all when None) of a JSONL file; errors name the line."""
     path = Path(path)
     if metric not in METRICS:
-        raise EvalError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
+        raise UserError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
     if not path.is_file():
-        raise EvalError(f"task file not found: {path}")
+        raise UserError(f"task file not found: {path}")
     samples: list[EvalSample] = []
     try:
         with path.open(encoding="utf-8") as f:
@@ -177,11 +177,11 @@ def load_jsonl(path: Path | str, n: int | None = None, metric: str = "vqa") -> T
                 if line.strip():
                     samples.append(_parse_line(path, lineno, line, metric))
     except UnicodeDecodeError as e:
-        raise EvalError(f"{path}: not UTF-8 text ({e.reason})") from None
+        raise UserError(f"{path}: not UTF-8 text ({e.reason})") from None
     if not samples:
-        raise EvalError(f"{path} holds no samples")
+        raise UserError(f"{path} holds no samples")
     if n is not None and len(samples) < n:
-        raise EvalError(f"{path} holds {len(samples)} samples, fewer than the {n} asked for (--samples)")
+        raise UserError(f"{path} holds {len(samples)} samples, fewer than the {n} asked for (--samples)")
     return Task(str(path), samples, "chat")
 
 
@@ -196,17 +196,17 @@ def load_task(
 ) -> Task:
     """``digits`` or a JSONL path -> :class:`Task`; see the module docstring for the rules."""
     if n is not None and n < 1:
-        raise EvalError(f"--samples must be >= 1, got {n}")
+        raise UserError(f"--samples must be >= 1, got {n}")
     if task in ("digits", "passkey") and metric not in (None, "exact"):
-        raise EvalError(f"--metric applies to JSONL tasks; {task} is scored by exact match")
+        raise UserError(f"--metric applies to JSONL tasks; {task} is scored by exact match")
     if task == "digits":
         return load_digits(DEFAULT_DIGITS_SAMPLES if n is None else n, split, seed, followup)
     if followup:
         what = "passkey" if task == "passkey" else "JSONL"
-        raise EvalError(f"--followup needs --task digits ({what} samples have a single question)")
+        raise UserError(f"--followup needs --task digits ({what} samples have a single question)")
     if task == "passkey":
         return load_passkey(DEFAULT_PASSKEY_SAMPLES if n is None else n, seed)
     path = Path(task).expanduser()
     if path.suffix != ".jsonl" and not path.is_file():
-        raise EvalError(f"unknown task {task!r}: use 'digits', 'passkey' or the path of a .jsonl file")
+        raise UserError(f"unknown task {task!r}: use 'digits', 'passkey' or the path of a .jsonl file")
     return load_jsonl(path, n, metric or "vqa")

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from vlcache.atomic import atomic_dir
-from vlcache.eval import EvalError
+from vlcache.errors import UserError
 from vlcache.eval.runner import REFERENCE, Record
 
 
@@ -129,7 +129,7 @@ def plot_accuracy(path: Path, rows: Sequence[dict[str, Any]], title: str = "") -
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise EvalError("accuracy.png needs matplotlib: pip install 'vlcache[eval]'") from None
+        raise UserError("accuracy.png needs matplotlib: pip install 'vlcache[eval]'") from None
     followup = any("followup_accuracy" in r for r in rows)
     panels = [("accuracy", "accuracy")] + ([("followup_accuracy", "follow-up accuracy")] if followup else [])
     fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.4), squeeze=False)
@@ -160,7 +160,7 @@ def plot_accuracy(path: Path, rows: Sequence[dict[str, Any]], title: str = "") -
 
 def write_outputs(out: Path, results: dict[str, Any], title: str = "", force: bool = False) -> None:
     """results.json (``results`` as given), results.csv and accuracy.png into ``out``, atomically."""
-    with atomic_dir(out, force=force, name="--out", error=EvalError) as folder:
+    with atomic_dir(out, force=force, name="--out") as folder:
         (folder / "results.json").write_text(json.dumps(results, indent=1, allow_nan=True) + "\n", encoding="utf-8")
         write_csv(folder / "results.csv", results["results"])
         plot_accuracy(folder / "accuracy.png", results["results"], title)

@@ -14,8 +14,9 @@ Contract:
   :func:`vlcache.hf.continuation.continue_greedy`. Both answers are scored; the follow-up is
   appended even when the first answer ended with the end-of-sequence token.
 * Prompts: ``digits`` style is ``tasks.format_prompt(question)`` and the answer is the word after
-  ``=``; ``chat`` style uses the processor's chat template when it has one (else
-  ``<image>\\n question``) and the whole stripped generation is the answer.
+  ``=``; ``chat`` style is :func:`vlcache.hf.inputs.image_prompt` (the serving engines' too): the
+  processor's chat template when it has one, else ``<image>\\n question``; the whole stripped
+  generation is the answer.
 * Text tasks (``passkey`` style, :func:`evaluate_text_sample`): the prompt is the task's
   instruction, the sample's context and its question, as one user turn of the tokenizer's chat
   template when it has one (else the plain text), then the answer prefix; the answer is
@@ -35,10 +36,11 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from vlcache.config import CompressionConfig
+from vlcache.config import CompressionConfig, settings_read_by
 from vlcache.eval.datasets import TEXT_STYLES, EvalSample
 from vlcache.eval.metrics import score
-from vlcache.eval.models import LoadedModel
+from vlcache.hf.inputs import has_chat_template, image_prompt, move_inputs
+from vlcache.hf.loading import LoadedModel
 
 REFERENCE = "full"
 
@@ -83,8 +85,13 @@ class Record:
 
 
 def make_configs(methods: Sequence[str], budgets: Sequence[float], seed: int = 0) -> list[CompressionConfig]:
-    """``full`` at 1.0, then each other method × each budget (config errors raise ValueError)."""
-    configs = [CompressionConfig(method=REFERENCE, budget=1.0, seed=seed)]
+    """``full`` at 1.0, then each other method × each budget (config errors raise ValueError).
+    ``seed`` goes to the methods that have a ``seed`` setting (``random``)."""
+
+    def config(method: str, budget: float) -> CompressionConfig:
+        return CompressionConfig.create(method, budget, **settings_read_by(method, {"seed": seed}))
+
+    configs = [config(REFERENCE, 1.0)]
     seen = {(REFERENCE, 1.0)}
     for method in methods:
         if method == REFERENCE:
@@ -92,7 +99,7 @@ def make_configs(methods: Sequence[str], budgets: Sequence[float], seed: int = 0
         for budget in budgets:
             if (method, float(budget)) not in seen:
                 seen.add((method, float(budget)))
-                configs.append(CompressionConfig(method=method, budget=float(budget), seed=seed))
+                configs.append(config(method, float(budget)))
     return configs
 
 
@@ -104,10 +111,7 @@ def build_prompt(processor: Any, question: str, style: str) -> str:
         return format_prompt(question)
     if style != "chat":
         raise ValueError(f"unknown prompt style {style!r}")
-    if getattr(processor, "chat_template", None):
-        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        return str(processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False))
-    return f"<image>\n{question}"
+    return image_prompt(processor, question, separator="\n")
 
 
 def parse_prediction(text: str, style: str) -> str:
@@ -135,7 +139,7 @@ def build_text_prompt(tokenizer: Any, sample: EvalSample, style: str) -> tuple[s
     from vlcache.eval.passkey import ANSWER_PREFIX, INSTRUCTION
 
     content = f"{INSTRUCTION}\n\n{_CONTEXT_MARK}\n\n{sample.question}"
-    if getattr(tokenizer, "chat_template", None):
+    if has_chat_template(tokenizer):
         conversation = [{"role": "user", "content": content}]
         rendered = str(tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False))
         text = rendered + ANSWER_PREFIX
@@ -155,7 +159,7 @@ def encode_text_prompt(tokenizer: Any, sample: EvalSample, style: str) -> tuple[
     offsets (slow ones) tokenise the text before, in and after the context separately.
     """
     text, (c0, c1) = build_text_prompt(tokenizer, sample, style)
-    special = not getattr(tokenizer, "chat_template", None)
+    special = not has_chat_template(tokenizer)
     try:
         enc = tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
     except NotImplementedError:
@@ -174,11 +178,7 @@ def prepare_inputs(loaded: LoadedModel, sample: EvalSample, style: str) -> dict[
     """Processor outputs for the sample (batch 1) on the model's device; floats in its dtype."""
     prompt = build_prompt(loaded.processor, sample.question, style)
     batch = loaded.processor(images=sample.load_image(), text=prompt, return_tensors="pt")
-    device, dtype = loaded.device, loaded.dtype
-    return {
-        k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) if hasattr(v, "to") else v
-        for k, v in batch.items()
-    }
+    return move_inputs(batch, loaded.device, loaded.dtype)
 
 
 def evaluate_sample(

@@ -25,6 +25,8 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image
 
+from vlcache.tokens import IMAGE_TOKEN_TEXT
+
 GRID = 4
 CELL = 16
 IMAGE_SIZE = GRID * CELL
@@ -170,8 +172,9 @@ def vocabulary() -> list[str]:
     return words + [str(i) for i in range(GRID * GRID + 1)]
 
 
-def format_prompt(question: str, image_token: str = "<image>") -> str:
-    """The text a processor receives for one sample: the image placeholder, then the question."""
+def format_prompt(question: str, image_token: str = IMAGE_TOKEN_TEXT) -> str:
+    """The text a processor receives for one sample: the image placeholder, then the question (what
+    :func:`vlcache.hf.inputs.image_prompt` gives for a processor without a chat template)."""
     return f"{image_token} {question}"
 
 

@@ -10,28 +10,45 @@
 ``embed.onnx``
     ``input_ids`` (B, n) int64 -> ``inputs_embeds`` (B, n, hidden).
 ``decoder.onnx``
-    The language model, one graph for prefill and decode. Inputs: ``inputs_embeds`` (B, n, hidden),
-    ``position_ids`` (B, n) int64 (absolute positions: after eviction they keep counting from the
-    prompt length, so position ≠ cache length), and per layer l ``past_key.l`` / ``past_value.l``
-    (B, H_kv, p_l, D) — every ``p_l`` its own dynamic axis, so layers may hold different lengths
-    (ragged after eviction; length 0 for prefill). Outputs: ``logits`` (B, 1, V) of the **last**
-    row only; ``present_key.l`` / ``present_value.l`` (B, H_kv, p_l + n, D), the past with the new
-    entries appended (keys after RoPE); and ``query.l`` (B, H_q, n, D), the new rows' queries after
-    RoPE — what scoring needs: the runtime scores layer l's prompt from ``query.l`` rows
-    ``[query_start, m)`` and ``present_key.l`` with the ``vlcache.PostVisionStats`` op (or a method
-    in :mod:`vlcache.methods`). Attention masks are built inside the graph from the shapes: in layer
-    l row i of n sees the ``p_l`` past entries (all valid: evicted ones are gone, not masked) and the
-    new ones up to itself — bottom-right-aligned causal, per layer. Grouped-query attention
-    multiplies the G = H_q / H_kv query heads of a group against their shared key head (no key
-    copies).
+    The language model, one graph for prefill and decode, in one of two variants
+    (``export_llava(attention=...)``, recorded as ``ExportSpec.attention``). Common inputs:
+    ``inputs_embeds`` (B, n, hidden), ``position_ids`` (B, n) int64 (absolute positions: after
+    eviction they keep counting from the prompt length, so position ≠ cache length). Common outputs:
+    ``logits`` (B, 1, V) of the **last** row only; per layer l ``present_key.l`` /
+    ``present_value.l`` (keys after RoPE, see below) and ``query.l`` (B, H_q, n, D), the new rows'
+    queries after RoPE — what scoring needs: the runtime scores layer l's prompt from ``query.l`` rows
+    ``[query_start, m)`` and the cached keys with the ``vlcache.PostVisionStats`` op (or a method in
+    :mod:`vlcache.methods`). RoPE is computed in the graph in both variants.
+
+    ``attention="fused"`` (default; ONNX Runtime): per layer ``past_key.l`` / ``past_value.l``
+    (B, H_kv, C_l, D) are **buffers** of capacity C_l, every C_l its own dynamic axis, and
+    ``past_length.l`` (B,) int64 says how many entries of each row are valid — layers and rows hold
+    different lengths (ragged after eviction; length 0 for prefill). Attention is ONNX Runtime's
+    ``com.microsoft.GroupQueryAttention`` (a fused CPU kernel: no n × (p+n) score tensor in the
+    graph): it writes the n new keys/values at rows ``past_length.l[b] ..`` of ``present_key.l`` /
+    ``present_value.l`` (B, H_kv, max(C_l, total), D), and row b's query i sees the keys
+    ``j <= past_length.l[b] + i``. A runner that binds ``present_*`` to the same OrtValue as
+    ``past_*`` (IOBinding) gets the append in place: the kernel sees one buffer and copies nothing.
+    Needs head_dim % 8 == 0. Several new rows after a non-empty past are accepted at batch size 1
+    only (ONNX Runtime's CPU rule); single-token steps take any per-row lengths.
+
+    ``attention="standard"`` (standard ONNX ops only: what TensorRT builds from): ``past_key.l`` /
+    ``past_value.l`` (B, H_kv, p_l, D) hold exactly the valid entries (every p_l its own axis);
+    ``present_*`` (B, H_kv, p_l + n, D) is the past with the new entries appended by ``Concat``.
+    Masks are built inside the graph from the shapes: in layer l row i of n sees the ``p_l`` past
+    entries and the new ones up to itself — bottom-right-aligned causal, per layer; scores are
+    MatMul→Softmax→MatMul, multiplying the G = H_q / H_kv query heads of a group against their
+    shared key head (no key copies).
+
+    In both, evicted entries are gone (compacted), never masked.
 ``post_vision_stats.onnx`` / ``compact_kv.onnx``
     One ``vlcache``-domain node each (:mod:`vlcache.export.ops`), with its local function.
 ``export.json``
     :class:`~vlcache.export.spec.ExportSpec`: shapes, ids, graph files and I/O names.
 
 Supported: LLaVA-1.5 with a CLIP vision tower and a Llama-like decoder (Llama / Mistral / Qwen2
-layout: RMSNorm, RoPE, q/k/v/o projections with optional bias, gated MLP), batch size 1 at run
-time. Graphs are float32: a TensorRT build lowers precision itself. LLaVA-NeXT (anyres tiles, image
+layout: RMSNorm, RoPE, q/k/v/o projections with optional bias, gated MLP); the runtime's loop runs
+one prompt at a time (the graphs have a batch axis). Graphs are float32: a TensorRT build lowers precision itself. LLaVA-NeXT (anyres tiles, image
 newline tokens, unpadding) is refused with a ValueError: its feature packing is not exported yet.
 """
 
@@ -201,8 +218,15 @@ def embed_graph(llava: nn.Module, opset: int = 17) -> onnx.ModelProto:
 
 
 # --- decoder -----------------------------------------------------------------------------------
-def decoder_graph(llava: nn.Module, opset: int = 17) -> onnx.ModelProto:
-    """The language model with explicit, independently sized per-layer KV (see the module docstring)."""
+def decoder_graph(llava: nn.Module, opset: int = 17, attention: str = names.ATTENTION_FUSED) -> onnx.ModelProto:
+    """The language model with explicit, independently sized per-layer KV (see the module docstring).
+
+    ``attention``: ``fused`` (ONNX Runtime's ``com.microsoft.GroupQueryAttention`` on preallocated
+    buffers with ``past_length.l`` inputs) or ``standard`` (standard ops, Concat-appended KV).
+    """
+    if attention not in names.ATTENTION_VARIANTS:
+        raise ValueError(f"attention must be one of {', '.join(names.ATTENTION_VARIANTS)}, got {attention!r}")
+    fused = attention == names.ATTENTION_FUSED
     model: Any = llava
     stack, lm_head = _text_parts(model)
     tcfg: Any = model.config.text_config
@@ -213,12 +237,19 @@ def decoder_graph(llava: nn.Module, opset: int = 17) -> onnx.ModelProto:
     h_kv = first.k_proj.out_features // d
     if h_q % h_kv:
         raise ValueError(f"{h_q} query heads do not split into {h_kv} KV head groups")
+    if fused and d % 8:
+        raise ValueError(
+            f"head_dim {d} is not a multiple of 8, which ONNX Runtime's GroupQueryAttention requires; "
+            "export with attention='standard'"
+        )
     group = h_q // h_kv
     hidden = int(tcfg.hidden_size)
     b = GraphBuilder(opset)
     f32 = np.float32
 
-    # RoPE tables for the given positions: cos/sin (B, 1, n, D), float32 as in transformers.
+    # RoPE tables for the given positions: cos/sin (B, n, D), float32 as in transformers; broadcast
+    # over heads as (B, 1, n, D) for the standard graph's (B, H, n, D) layout, (B, n, 1, D) for the
+    # fused graph's (B, n, H, D) (GroupQueryAttention takes (B, n, H·D) rows).
     rope = stack.rotary_emb
     inv_freq = b.weight("rotary.inv_freq", to_numpy(rope.inv_freq))
     pos = b.unsqueeze(b.op("Cast", [names.POSITION_IDS], to=TensorProto.FLOAT), [-1])  # (B, n, 1)
@@ -228,7 +259,8 @@ def decoder_graph(llava: nn.Module, opset: int = 17) -> onnx.ModelProto:
     scaling = float(getattr(rope, "attention_scaling", 1.0))
     if scaling != 1.0:
         cos, sin = b.op("Mul", [cos, b.const(scaling, f32)]), b.op("Mul", [sin, b.const(scaling, f32)])
-    cos, sin = b.unsqueeze(cos, [1]), b.unsqueeze(sin, [1])
+    head_axis = 2 if fused else 1
+    cos, sin = b.unsqueeze(cos, [head_axis]), b.unsqueeze(sin, [head_axis])
     half = d // 2
     first_half = (b.const([0]), b.const([half]), b.const([3]))
     second_half = (b.const([half]), b.const([d]), b.const([3]))
@@ -240,7 +272,7 @@ def decoder_graph(llava: nn.Module, opset: int = 17) -> onnx.ModelProto:
         return b.op("Add", [b.op("Mul", [t, cos]), b.op("Mul", [rotated, sin])])
 
     n_new = b.shape_dim(names.INPUTS_EMBEDS, 1)  # (1,)
-    neg_inf, zero = b.const(float("-inf"), f32), b.const(0.0, f32)
+    mask_values = ("", "") if fused else (b.const(float("-inf"), f32), b.const(0.0, f32))
     inputs = [
         tensor_info(names.INPUTS_EMBEDS, TensorProto.FLOAT, ["batch", "seq", hidden]),
         tensor_info(names.POSITION_IDS, TensorProto.INT64, ["batch", "seq"]),
@@ -254,6 +286,8 @@ def decoder_graph(llava: nn.Module, opset: int = 17) -> onnx.ModelProto:
             tensor_info(pk, TensorProto.FLOAT, ["batch", h_kv, past_axis, d]),
             tensor_info(pv, TensorProto.FLOAT, ["batch", h_kv, past_axis, d]),
         ]
+        if fused:
+            inputs.append(tensor_info(names.past_length(li), TensorProto.INT64, ["batch"]))
         total_axis = f"total_{li}"
         outputs += [
             tensor_info(names.present_key(li), TensorProto.FLOAT, ["batch", h_kv, total_axis, d]),
@@ -263,30 +297,10 @@ def decoder_graph(llava: nn.Module, opset: int = 17) -> onnx.ModelProto:
         attn, mlp = layer.self_attn, layer.mlp
         p = f"layers.{li}"
         h = b.rms_norm(x, layer.input_layernorm.weight, _eps(layer.input_layernorm), f"{p}.input_layernorm")
-
-        def heads(t: str, count: int) -> str:
-            return b.op("Transpose", [b.op("Reshape", [t, b.const([0, 0, count, d])])], perm=[0, 2, 1, 3])
-
-        q = rotate(heads(b.linear(h, attn.q_proj, f"{p}.q_proj"), h_q))  # (B, H_q, n, D)
-        k = rotate(heads(b.linear(h, attn.k_proj, f"{p}.k_proj"), h_kv))
-        v = heads(b.linear(h, attn.v_proj, f"{p}.v_proj"), h_kv)
-        b.rename(q, names.query(li))
-        keys = b.op("Concat", [pk, k], axis=2, outputs=[names.present_key(li)])
-        values = b.op("Concat", [pv, v], axis=2, outputs=[names.present_value(li)])
-        # mask (n, p_l + n): row i sees keys j <= p_l + i
-        past_len = b.shape_dim(pk, 2)
-        total = b.op("Add", [past_len, n_new])
-        rows = b.unsqueeze(b.op("Range", [b.scalar(past_len), b.scalar(total), b.const(1)]), [1])
-        cols = b.op("Range", [b.const(0), b.scalar(total), b.const(1)])
-        mask = b.op("Where", [b.op("Greater", [cols, rows]), neg_inf, zero])
-        if group > 1:
-            mask = b.op("Tile", [mask, b.const([group, 1])])  # rows of the G heads of a group, stacked
-        qg = b.op("Reshape", [q, b.const([0, h_kv, -1, d])])  # (B, H_kv, G·n, D)
-        qg = b.op("Mul", [qg, b.const(float(attn.scaling), f32)])  # scale the n·D queries, not the n·T logits
-        logits = b.op("Add", [b.op("MatMul", [qg, b.op("Transpose", [keys], perm=[0, 1, 3, 2])]), mask])
-        o = b.op("MatMul", [b.op("Softmax", [logits], axis=-1), values])  # (B, H_kv, G·n, D)
-        o = b.op("Reshape", [o, b.const([0, h_q, -1, d])])
-        o = b.op("Reshape", [b.op("Transpose", [o], perm=[0, 2, 1, 3]), b.const([0, 0, h_q * d])])
+        if fused:
+            o = _fused_attention(b, h, attn, li, rotate, n_new, h_q, h_kv, d)
+        else:
+            o = _standard_attention(b, h, attn, li, rotate, n_new, mask_values, h_q, h_kv, d, group)
         x = b.op("Add", [x, b.linear(o, attn.o_proj, f"{p}.o_proj")])
         h = b.rms_norm(
             x,
@@ -302,7 +316,90 @@ def decoder_graph(llava: nn.Module, opset: int = 17) -> onnx.ModelProto:
     last = b.rms_norm(last, stack.norm.weight, _eps(stack.norm), "norm")
     logits = b.linear(last, lm_head, "lm_head")
     b.op("Unsqueeze", [logits, b.const([1])], outputs=[names.LOGITS])
-    return b.model("llava_decoder", inputs, outputs, doc=__doc__ or "")
+    extra = [(names.GQA_DOMAIN, names.GQA_OPSET_VERSION)] if fused else []
+    return b.model("llava_decoder", inputs, outputs, extra_opsets=extra, doc=__doc__ or "")
+
+
+def _standard_attention(
+    b: GraphBuilder,
+    h: str,
+    attn: Any,
+    li: int,
+    rotate: Any,
+    n_new: str,
+    mask_values: tuple[str, str],
+    h_q: int,
+    h_kv: int,
+    d: int,
+    group: int,
+) -> str:
+    """Standard ops: Concat-appended KV, an explicit mask, MatMul→Softmax→MatMul; returns (B, n, H_q·D)."""
+    p = f"layers.{li}"
+    pk, pv = names.past_key(li), names.past_value(li)
+    neg_inf, zero = mask_values
+
+    def heads(t: str, count: int) -> str:
+        return b.op("Transpose", [b.op("Reshape", [t, b.const([0, 0, count, d])])], perm=[0, 2, 1, 3])
+
+    q = rotate(heads(b.linear(h, attn.q_proj, f"{p}.q_proj"), h_q))  # (B, H_q, n, D)
+    k = rotate(heads(b.linear(h, attn.k_proj, f"{p}.k_proj"), h_kv))
+    v = heads(b.linear(h, attn.v_proj, f"{p}.v_proj"), h_kv)
+    b.rename(q, names.query(li))
+    keys = b.op("Concat", [pk, k], axis=2, outputs=[names.present_key(li)])
+    values = b.op("Concat", [pv, v], axis=2, outputs=[names.present_value(li)])
+    # mask (n, p_l + n): row i sees keys j <= p_l + i
+    past_len = b.shape_dim(pk, 2)
+    total = b.op("Add", [past_len, n_new])
+    rows = b.unsqueeze(b.op("Range", [b.scalar(past_len), b.scalar(total), b.const(1)]), [1])
+    cols = b.op("Range", [b.const(0), b.scalar(total), b.const(1)])
+    mask = b.op("Where", [b.op("Greater", [cols, rows]), neg_inf, zero])
+    if group > 1:
+        mask = b.op("Tile", [mask, b.const([group, 1])])  # rows of the G heads of a group, stacked
+    qg = b.op("Reshape", [q, b.const([0, h_kv, -1, d])])  # (B, H_kv, G·n, D)
+    qg = b.op("Mul", [qg, b.const(float(attn.scaling), np.float32)])  # scale the n·D queries, not the n·T logits
+    logits = b.op("Add", [b.op("MatMul", [qg, b.op("Transpose", [keys], perm=[0, 1, 3, 2])]), mask])
+    o = b.op("MatMul", [b.op("Softmax", [logits], axis=-1), values])  # (B, H_kv, G·n, D)
+    o = b.op("Reshape", [o, b.const([0, h_q, -1, d])])
+    return b.op("Reshape", [b.op("Transpose", [o], perm=[0, 2, 1, 3]), b.const([0, 0, h_q * d])])
+
+
+def _fused_attention(
+    b: GraphBuilder, h: str, attn: Any, li: int, rotate: Any, n_new: str, h_q: int, h_kv: int, d: int
+) -> str:
+    """``com.microsoft.GroupQueryAttention`` on the layer's KV buffers; returns (B, n, H_q·D).
+
+    RoPE stays in the graph (the op's ``do_rotary`` is off): ``query.l`` must be the rotated queries
+    and the cache the rotated keys, at explicit positions. Row b of the buffers holds
+    ``past_length.l[b]`` valid entries; the op writes the n new ones after them (in place when the
+    runner binds ``present_*`` to the ``past_*`` buffers) and row b's query i sees keys
+    ``j <= past_length.l[b] + i``. ONNX Runtime's CPU kernel takes several new rows after a
+    non-empty past only at batch size 1; single-token steps take any per-row lengths.
+    """
+    p = f"layers.{li}"
+
+    def heads(t: str, count: int) -> str:
+        return b.op("Reshape", [t, b.const([0, 0, count, d])])  # (B, n, H, D)
+
+    q = rotate(heads(b.linear(h, attn.q_proj, f"{p}.q_proj"), h_q))
+    k = rotate(heads(b.linear(h, attn.k_proj, f"{p}.k_proj"), h_kv))
+    v = b.linear(h, attn.v_proj, f"{p}.v_proj")  # (B, n, H_kv·D)
+    b.op("Transpose", [q], perm=[0, 2, 1, 3], outputs=[names.query(li)])  # (B, H_q, n, D)
+    q = b.op("Reshape", [q, b.const([0, 0, h_q * d])])
+    k = b.op("Reshape", [k, b.const([0, 0, h_kv * d])])
+    totals = b.op("Add", [names.past_length(li), n_new])  # (B,) entries after this step
+    seqlens_k = b.op("Cast", [b.op("Sub", [totals, b.const(1)])], to=TensorProto.INT32)
+    total = b.op("Cast", [b.reduce("ReduceMax", totals, [0], keepdims=0)], to=TensorProto.INT32)  # scalar
+    out = b.fresh("attention")
+    b.op(
+        names.GQA_OP,
+        [q, k, v, names.past_key(li), names.past_value(li), seqlens_k, total],
+        outputs=[out, names.present_key(li), names.present_value(li)],
+        domain=names.GQA_DOMAIN,
+        num_heads=h_q,
+        kv_num_heads=h_kv,
+        scale=float(attn.scaling),
+    )
+    return out
 
 
 # --- entry point -------------------------------------------------------------------------------
@@ -346,6 +443,7 @@ def export_llava(
     dtype: str = "float32",
     opset: int = 17,
     max_input_len: int | None = None,
+    attention: str = names.ATTENTION_FUSED,
 ) -> dict[str, Path]:
     """Export a LLaVA-1.5 model to ONNX graphs that :func:`vlcache.runtime.load_runtime` runs.
 
@@ -356,11 +454,16 @@ def export_llava(
         opset: default-domain opset, 17 to 21.
         max_input_len: longest prompt + generation the artifacts are meant for (recorded for
             engine builders and checked by the runtime); default the model's ``max_position_embeddings``.
+        attention: the decoder's attention: ``"fused"`` (ONNX Runtime's GroupQueryAttention on
+            preallocated KV buffers; the ONNX Runtime backend's default) or ``"standard"`` (standard
+            ONNX ops only: what a TensorRT build needs). Recorded in ``export.json``.
 
     Returns:
         role -> path: ``vision``, ``embed``, ``decoder``, ``post_vision_stats``, ``compact_kv``, ``spec``.
     """
     check_opset(opset)
+    if attention not in names.ATTENTION_VARIANTS:
+        raise ValueError(f"attention must be one of {', '.join(names.ATTENTION_VARIANTS)}, got {attention!r}")
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(
             f"dtype {dtype!r} is not supported by the ONNX export (supported: {', '.join(SUPPORTED_DTYPES)}); "
@@ -384,7 +487,7 @@ def export_llava(
     graphs = {
         "vision": (names.VISION_GRAPH, vision_graph(model, opset)),
         "embed": (names.EMBED_GRAPH, embed_graph(model, opset)),
-        "decoder": (names.DECODER_GRAPH, decoder_graph(model, opset)),
+        "decoder": (names.DECODER_GRAPH, decoder_graph(model, opset, attention)),
         "post_vision_stats": (names.SCORE_GRAPH, post_vision_stats_model(opset)),
         "compact_kv": (names.COMPACT_GRAPH, compact_kv_model(opset)),
     }
@@ -411,6 +514,7 @@ def export_llava(
         max_input_len=max_input_len,
         opset=opset,
         dtype=dtype,
+        attention=attention,
         graphs={role: file for role, (file, _) in graphs.items()},
         io={role: _io(proto) for role, (_, proto) in graphs.items()},
         source={"class": type(model).__name__, "name_or_path": str(getattr(cfg, "_name_or_path", "") or "")},

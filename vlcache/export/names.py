@@ -16,7 +16,8 @@ contract (shapes, attributes) is stated here; `vlcache.core` holds the reference
     (:func:`vlcache.core.compact`).
 
 Below the ops: the files an export directory holds and the tensor names of its graphs (the decoder's
-per-layer ``past_key.l`` / ``present_key.l`` / ``query.l``; see :mod:`vlcache.export.llava`).
+per-layer ``past_key.l`` / ``past_length.l`` / ``present_key.l`` / ``query.l``; see
+:mod:`vlcache.export.llava`).
 """
 
 from __future__ import annotations
@@ -55,6 +56,18 @@ INPUTS_EMBEDS = "inputs_embeds"
 POSITION_IDS = "position_ids"
 LOGITS = "logits"
 
+#: ``ExportSpec.attention``: how the decoder graph attends. ``fused``: ONNX Runtime's
+#: ``com.microsoft.GroupQueryAttention`` on preallocated per-layer KV buffers with per-row lengths
+#: (``past_length.l``), the ONNX Runtime default; ``standard``: standard ONNX ops only
+#: (Concat-appended KV, MatMul→Softmax→MatMul), what TensorRT builds from.
+ATTENTION_FUSED = "fused"
+ATTENTION_STANDARD = "standard"
+ATTENTION_VARIANTS = (ATTENTION_FUSED, ATTENTION_STANDARD)
+#: the fused decoder's attention op, its domain and the domain's opset version
+GQA_OP = "GroupQueryAttention"
+GQA_DOMAIN = "com.microsoft"
+GQA_OPSET_VERSION = 1
+
 # Inputs / outputs of the score and compact graphs (the op's own inputs and outputs).
 SCORE_QUERIES = "queries"
 SCORE_KEYS = "keys"
@@ -67,8 +80,15 @@ COMPACT_KEPT = "kept"
 
 
 def past_key(layer: int) -> str:
-    """Decoder input: layer ``layer``'s cached keys (B, H_kv, past_len_layer, D), after RoPE."""
+    """Decoder input: layer ``layer``'s cached keys (B, H_kv, past_len_layer, D), after RoPE (fused
+    graph: a buffer (B, H_kv, capacity, D) whose first ``past_length.l[b]`` rows are valid)."""
     return f"past_key.{layer}"
+
+
+def past_length(layer: int) -> str:
+    """Fused decoder input: int64 (B,), how many entries of row b of ``past_key.l`` / ``past_value.l``
+    are valid (the rest of the buffer is free room that the step writes into)."""
+    return f"past_length.{layer}"
 
 
 def past_value(layer: int) -> str:
@@ -77,7 +97,9 @@ def past_value(layer: int) -> str:
 
 
 def present_key(layer: int) -> str:
-    """Decoder output: past keys with the new ones appended (B, H_kv, past_len_layer + n, D)."""
+    """Decoder output: past keys with the new ones appended (B, H_kv, past_len_layer + n, D); fused
+    graph: the buffer with the new entries written at ``past_length.l[b] ..`` (the same memory as
+    ``past_key.l`` when a runner binds both to one OrtValue), (B, H_kv, max(capacity, total), D)."""
     return f"present_key.{layer}"
 
 

@@ -19,7 +19,11 @@ from vlcache.export import names
 EXPORT_FORMAT_NAME = "vlcache-onnx"
 #: ``export.json``'s ``format_version``: bump when the export's layout or a field's meaning changes
 #: (an artifact's manifest is versioned apart, by :data:`vlcache.config.ARTIFACT_FORMAT`).
-EXPORT_FORMAT_VERSION = 1
+#: 2: ``attention`` (the fused decoder's ``past_length.l`` inputs); version 1 files are read as
+#: ``attention="standard"``, the only decoder they could hold.
+EXPORT_FORMAT_VERSION = 2
+#: versions :meth:`ExportSpec.load` reads
+READABLE_FORMAT_VERSIONS = (1, 2)
 
 
 @dataclass
@@ -34,6 +38,9 @@ class ExportSpec:
         eos_token_id: ids that end generation (from the model's generation config; may be empty).
         max_input_len: the longest sequence (prompt + generated) the export was made for.
         opset, dtype: of the graphs.
+        attention: the decoder's attention, ``fused`` (ONNX Runtime's GroupQueryAttention on
+            preallocated KV buffers, ``past_length.l`` inputs) or ``standard`` (standard ONNX ops,
+            Concat-appended KV: what TensorRT builds from); see :mod:`vlcache.export.llava`.
         graphs: role -> file name (``vision``, ``embed``, ``decoder``, ``post_vision_stats``, ``compact_kv``).
         io: role -> {"inputs": [...], "outputs": [...]} tensor names.
         engines: role -> TensorRT engine file, when a builder added them (empty for ONNX only).
@@ -58,6 +65,8 @@ class ExportSpec:
     io: dict[str, dict[str, list[str]]]
     engines: dict[str, str] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)
+    #: format 1 exports hold the standard decoder only
+    attention: str = names.ATTENTION_STANDARD
     format: str = EXPORT_FORMAT_NAME
     format_version: int = EXPORT_FORMAT_VERSION
 
@@ -81,10 +90,10 @@ class ExportSpec:
             raise ValueError(f"{path} is not valid JSON: {e}") from None
         if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT_NAME:
             raise ValueError(f"{path} is not a {EXPORT_FORMAT_NAME} description")
-        if data.get("format_version") != EXPORT_FORMAT_VERSION:
+        if data.get("format_version") not in READABLE_FORMAT_VERSIONS:
             raise ValueError(
-                f"{path} has format_version {data.get('format_version')}, this vlcache reads {EXPORT_FORMAT_VERSION}; "
-                "re-export the model"
+                f"{path} has format_version {data.get('format_version')}, this vlcache reads "
+                f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}; re-export the model"
             )
         known = {f.name for f in fields(cls)}
         required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
@@ -94,6 +103,10 @@ class ExportSpec:
         kwargs = {k: v for k, v in data.items() if k in known}
         if kwargs.get("image_size") is not None:
             kwargs["image_size"] = tuple(kwargs["image_size"])
+        if kwargs.get("attention", names.ATTENTION_STANDARD) not in names.ATTENTION_VARIANTS:
+            raise ValueError(
+                f"{path}: attention {kwargs['attention']!r} is not one of {', '.join(names.ATTENTION_VARIANTS)}"
+            )
         return cls(**kwargs)
 
     def graph_path(self, directory: str | Path, role: str) -> Path:

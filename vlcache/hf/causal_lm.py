@@ -29,7 +29,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from vlcache.hf.loading import SUPPORTED_TYPES, CheckpointError, LoadedModel, check_device, quiet_transformers
+from vlcache.hf.loading import (
+    BUNDLED,
+    SUPPORTED_TYPES,
+    CheckpointError,
+    LoadedModel,
+    check_device,
+    quiet_transformers,
+)
 
 SMOLLM2 = "smollm2"
 TEXT_MODELS = (SMOLLM2,)
@@ -141,6 +148,20 @@ def is_text_checkpoint(path: Path) -> bool:
     return config.get("model_type") not in SUPPORTED_TYPES and any(
         isinstance(a, str) and a.endswith("ForCausalLM") for a in architectures
     )
+
+
+def is_text_model(spec: str) -> bool:
+    """True when ``spec`` names a text-only causal LM (``smollm2`` or such a local folder), without
+    loading it; False for a VLM (a bundled name or a LLaVA folder) or anything the loaders will
+    reject. CheckpointError when ``spec/config.json`` cannot be read."""
+    if spec in TEXT_MODELS:
+        return True
+    if spec in BUNDLED:
+        return False
+    path = Path(spec).expanduser()
+    if not (path / "config.json").is_file():
+        return False
+    return is_text_checkpoint(path)
 
 
 def resolve_causal_lm(spec: str) -> Path:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from vlcache.config import DTYPES
+from vlcache.errors import UserError
 
 #: ``llava-tiny`` (question-routed: reads the asked region at prefill, the default) and
 #: ``llava-tiny-late`` (reads the image only while answering: the stress case for query-guided eviction)
@@ -30,7 +31,7 @@ BUNDLED = ("llava-tiny", "llava-tiny-late")
 SUPPORTED_TYPES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration"}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ValueError, UserError):
     """The checkpoint asked for is missing, unreadable or not a supported VLM (a user mistake)."""
 
 

@@ -114,7 +114,7 @@ class VLCache:
 
     def __init__(self, config: CompressionConfig | None = None, **overrides: Any) -> None:
         base = config or CompressionConfig()
-        self.config = CompressionConfig.from_dict({**base.to_dict(), **overrides}) if overrides else base
+        self.config = base.with_changes(**overrides) if overrides else base
         self.method = get_method(self.config)
         self.stats: CompressionStats | None = None
         self.history: list[CompressionStats] = []
@@ -329,7 +329,7 @@ class VLCache:
                     layer.values = compact(layer.values, kept)
                     self.kept_indices[i] = kept
                     state.compacted = True
-                    if policy is not None and hasattr(policy, "set_protected"):
+                    if policy is not None:
                         policy.set_protected(i, kept)
             state.policy = policy
             state.scores = {}

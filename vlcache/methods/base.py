@@ -5,13 +5,19 @@ and, optionally, a layer weight (:class:`LayerScore`). After the last layer, :me
 turns the weights into per-layer budgets, and :meth:`Method.select` picks the kept indices with
 :func:`vlcache.core.select_kept`. A method with a decode-time policy returns it from
 :meth:`Method.decode_policy`. Most methods only write :meth:`Method.score`.
+
+A method's own knobs (SnapKV's window, VL-Cache's threshold, ...) are a frozen
+:class:`MethodSettings` dataclass declared next to it (``settings_type``), validated in its
+``__post_init__`` (ValueError); :class:`~vlcache.config.CompressionConfig` holds the fields every
+method shares and one settings instance of the chosen method, so a config hashes only what its
+method reads.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -90,27 +96,58 @@ class LayerScore:
 
 
 class DecodePolicy:
-    """Evicts during decode. Called after layer ``layer_idx`` attended with one new query.
+    """Evicts during decode. The runner calls :meth:`set_protected` once per layer after prefill
+    compaction, then :meth:`step` after layer ``layer_idx`` attended with one new query."""
 
-    Returns the position (in the layer's current cache) to evict, or None.
-    """
+    def set_protected(self, layer_idx: int, kept: torch.Tensor) -> None:
+        """kept: (B, H_kv, k) prompt positions layer ``layer_idx`` kept at prefill. Default: unused."""
 
     def step(self, layer_idx: int, attention: torch.Tensor, cache_len: int) -> int | None:  # pragma: no cover
         raise NotImplementedError
 
 
+@dataclass(frozen=True)
+class MethodSettings:
+    """A method's own settings: none. Subclasses add typed fields with defaults (their names are
+    also the CLI flags, so one name means one thing across methods) and validate them in
+    ``__post_init__`` with ValueError."""
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def from_mapping(cls, method: str, values: dict[str, Any]) -> MethodSettings:
+        """Settings from ``{name: value}``; ValueError naming ``method``'s settings for an unknown name."""
+        unknown = sorted(set(values) - set(cls.names()))
+        if unknown:
+            own = ", ".join(cls.names()) or "none"
+            raise ValueError(f"method {method!r} has no setting {', '.join(unknown)} (its settings: {own})")
+        return cls(**values)
+
+
+def check_positive(name: str, value: int) -> None:
+    if int(value) < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+
+
 class Method:
-    """Base class. Subclasses set ``name`` and ``paper`` and implement :meth:`score`."""
+    """Base class. Subclasses set ``name`` and ``paper`` and implement :meth:`score`; a method with
+    settings of its own sets ``settings_type`` and reads them from ``self.settings``."""
 
     name: ClassVar[str]
     paper: ClassVar[str] = ""
+    settings_type: ClassVar[type[MethodSettings]] = MethodSettings
     #: False for `full`: the runner skips scoring and compaction entirely.
     compresses: ClassVar[bool] = True
     #: Selection shared by all heads of a layer regardless of ``config.per_head``.
     shared_selection: ClassVar[bool] = False
 
     def __init__(self, config: CompressionConfig) -> None:
+        if not isinstance(config.settings, self.settings_type):
+            raise ValueError(f"method {self.name!r} needs {self.settings_type.__name__}, got {config.settings!r}")
         self.config = config
+        self.settings: Any = config.settings  # this method's settings_type
 
     # --- what a method writes -------------------------------------------------------------
     def query_start(self, layout: PromptLayout) -> int:
@@ -178,9 +215,14 @@ def available() -> list[str]:
     return sorted(_REGISTRY, key=lambda n: (rank.get(n, len(rank)), n))
 
 
+def method_class(name: str) -> type[Method]:
+    """The registered method called ``name`` (ValueError listing the known ones)."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(available())}") from None
+
+
 def get_method(config: CompressionConfig) -> Method:
     """Instantiate the method named by ``config.method``."""
-    try:
-        return _REGISTRY[config.method](config)
-    except KeyError:
-        raise ValueError(f"unknown method {config.method!r}; known methods: {', '.join(available())}") from None
+    return method_class(config.method)(config)

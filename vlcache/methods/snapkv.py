@@ -7,11 +7,30 @@ keys are ranked by the window's summed attention, smoothed by 1-D max pooling (k
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from vlcache.core import attention_column_sums, group_mean
-from vlcache.methods.base import LayerInput, LayerScore, Method, PromptLayout, register
+from vlcache.methods.base import LayerInput, LayerScore, Method, MethodSettings, PromptLayout, check_positive, register
+
+
+@dataclass(frozen=True)
+class SnapKVSettings(MethodSettings):
+    """Attributes:
+    window: the observation window: the last ``window`` prompt tokens score the cache and are kept.
+    pool_kernel: the max-pooling kernel over key scores (odd).
+    """
+
+    window: int = 32
+    pool_kernel: int = 5
+
+    def __post_init__(self) -> None:
+        check_positive("window", self.window)
+        check_positive("pool_kernel", self.pool_kernel)
+        if self.pool_kernel % 2 == 0:
+            raise ValueError(f"pool_kernel must be odd, got {self.pool_kernel}")
 
 
 def pooled_window_scores(inp: LayerInput, kernel: int, chunk_size: int) -> torch.Tensor:
@@ -27,12 +46,14 @@ def pooled_window_scores(inp: LayerInput, kernel: int, chunk_size: int) -> torch
 class SnapKV(Method):
     name = "snapkv"
     paper = "Li et al., SnapKV, arXiv:2404.14469 (NeurIPS 2024)"
+    settings_type = SnapKVSettings
+    settings: SnapKVSettings
 
     def query_start(self, layout: PromptLayout) -> int:
-        return max(0, layout.prompt_len - self.config.window)
+        return max(0, layout.prompt_len - self.settings.window)
 
     def score(self, inp: LayerInput, layout: PromptLayout) -> LayerScore:
-        return LayerScore(pooled_window_scores(inp, self.config.pool_kernel, self.config.chunk_size))
+        return LayerScore(pooled_window_scores(inp, self.settings.pool_kernel, self.config.chunk_size))
 
     def forced(self, layout: PromptLayout, k: int) -> tuple[int, int]:
-        return 0, min(self.config.window, k)
+        return 0, min(self.settings.window, k)

@@ -23,6 +23,7 @@ import torch
 
 from vlcache.core import iter_attention_chunks, proportional_budgets
 from vlcache.methods.base import DecodePolicy, LayerInput, LayerScore, Method, PromptLayout, register
+from vlcache.methods.streaming import SinkSettings
 
 
 def tgv_layer_scores(
@@ -55,6 +56,8 @@ def tgv_layer_scores(
 class TGVKV(Method):
     name = "tgvkv"
     paper = "Liu, Han et al., TGV-KV, ICML 2026 (PMLR v306); code Danielement321/TGV-KV"
+    settings_type = SinkSettings
+    settings: SinkSettings
     shared_selection = True
 
     def query_start(self, layout: PromptLayout) -> int:
@@ -81,11 +84,11 @@ class TGVKV(Method):
         return proportional_budgets(w, self.config.budget, layout.prompt_len, self.min_keep(layout))
 
     def forced(self, layout: PromptLayout, k: int) -> tuple[int, int]:
-        sinks = min(self.config.sinks, k)
+        sinks = min(self.settings.sinks, k)
         return sinks, min(1, k - sinks)
 
     def decode_policy(self, budgets: torch.Tensor, layout: PromptLayout) -> DecodePolicy | None:
-        return TGVDecodePolicy(budgets, layout, self.config.sinks)
+        return TGVDecodePolicy(budgets, layout, self.settings.sinks)
 
 
 class TGVDecodePolicy(DecodePolicy):

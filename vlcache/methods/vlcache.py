@@ -15,23 +15,67 @@ Ablations: `vlcache-uniform` (VL-Cache scores and window, uniform budgets) and `
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from vlcache.core import allocate_budgets, post_vision_statistics
-from vlcache.methods.base import LayerInput, LayerScore, Method, PromptLayout, register
+from vlcache.core import (
+    DEFAULT_RECENT_FRACTION,
+    DEFAULT_THRESHOLD,
+    allocate_budgets,
+    post_vision_statistics,
+    recent_window,
+)
+from vlcache.methods.base import LayerInput, LayerScore, Method, MethodSettings, PromptLayout, register
+
+
+@dataclass(frozen=True)
+class PostVisionSettings(MethodSettings):
+    """Post-vision scoring (every VL-Cache variant).
+
+    Attributes:
+        threshold: p of the sparsity filter: attention below ``p · rowmax`` counts as zero.
+        query_window: None: the post-vision span's queries score the cache; N: the last N prompt
+            tokens' (the paper's speed setup used 50).
+    """
+
+    threshold: float = DEFAULT_THRESHOLD
+    query_window: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.threshold < 1.0:
+            raise ValueError(f"threshold must lie in [0, 1), got {self.threshold}")
+        if self.query_window is not None and self.query_window < 1:
+            raise ValueError(f"query_window must be >= 1 or None, got {self.query_window}")
+
+
+@dataclass(frozen=True)
+class VLCacheSettings(PostVisionSettings):
+    """Attributes:
+    recent_fraction: f: a layer that keeps k tokens keeps its last ``max(1, floor(f · k))`` prompt
+        tokens inside k and fills the rest by score (0: the paper's Algorithm 1 alone).
+    """
+
+    recent_fraction: float = DEFAULT_RECENT_FRACTION
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.recent_fraction < 1.0:
+            raise ValueError(f"recent_fraction must lie in [0, 1), got {self.recent_fraction}")
 
 
 @register
 class VLCacheMethod(Method):
     name = "vlcache"
     paper = "Tu et al., VL-Cache, arXiv:2410.23317 (ICLR 2025)"
+    settings_type: ClassVar[type[PostVisionSettings]] = VLCacheSettings
+    settings: PostVisionSettings
 
     def query_start(self, layout: PromptLayout) -> int:
-        if self.config.query_window is not None:
-            return max(0, layout.prompt_len - self.config.query_window)
+        if self.settings.query_window is not None:
+            return max(0, layout.prompt_len - self.settings.query_window)
         return layout.post_vision_start
 
     def score(self, inp: LayerInput, layout: PromptLayout) -> LayerScore:
@@ -39,7 +83,7 @@ class VLCacheMethod(Method):
             inp.queries,
             inp.keys,
             inp.query_start,
-            threshold=self.config.threshold,
+            threshold=self.settings.threshold,
             scale=inp.scale,
             chunk_size=self.config.chunk_size,
         )
@@ -55,14 +99,8 @@ class VLCacheMethod(Method):
 
     @property
     def recent_fraction(self) -> float:
-        return self.config.recent_fraction
-
-
-def recent_window(fraction: float, k: int) -> int:
-    """w = max(1, floor(f · k)) trailing prompt tokens kept inside a budget of k; 0 when f or k is 0."""
-    if fraction <= 0 or k <= 0:
-        return 0
-    return min(k, max(1, math.floor(fraction * k + 1e-9)))
+        """f; 0 for settings without a recent window (``vlcache-nowindow``)."""
+        return self.settings.recent_fraction if isinstance(self.settings, VLCacheSettings) else 0.0
 
 
 @register
@@ -77,10 +115,8 @@ class VLCacheUniform(VLCacheMethod):
 
 @register
 class VLCacheNoWindow(VLCacheMethod):
-    """Ablation: the paper's Algorithm 1 alone, without the recent window (f = 0 whatever the config)."""
+    """Ablation: the paper's Algorithm 1 alone, without the recent window (f = 0: no
+    ``recent_fraction`` setting)."""
 
     name = "vlcache-nowindow"
-
-    @property
-    def recent_fraction(self) -> float:
-        return 0.0
+    settings_type = PostVisionSettings

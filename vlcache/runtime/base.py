@@ -2,9 +2,17 @@
 
 A runner executes the exported graphs (ONNX Runtime, TensorRT engines). The loop owns everything
 else: image-token merge, positions, scoring with :mod:`vlcache.methods`, budgets from
-:mod:`vlcache.core`, compaction, greedy decode and the stats. Batch size 1.
+:mod:`vlcache.core`, compaction, greedy decode and the stats. The loop runs one prompt at a time;
+:meth:`Runner.forward` takes a batch (rows with their own cache lengths where the graph allows).
 
-Tensors handed back by :meth:`Runner.forward` (KV entries, queries) are the runner's own type
+The cache is one :class:`LayerKV` per layer: key/value tensors (B, H_kv, C, D) of **capacity** C
+whose first ``lengths[b]`` entries of row b are valid. A runner whose graph appends by
+concatenation (the ``standard`` decoder, TensorRT) keeps C equal to the length and hands back new
+tensors every step; the ONNX Runtime runner on the ``fused`` decoder allocates C once per request
+(:meth:`Runner.empty_cache`, :meth:`Runner.compact_layer`) and writes every step into the same
+buffers.
+
+Tensors handed back by :meth:`Runner.forward` (KV buffers, queries) are the runner's own type
 (``Handle``: a numpy array, an ``OrtValue``, a CUDA torch tensor); the loop only moves them
 between calls and converts to torch with :meth:`Runner.to_torch` where scoring needs them. The
 default scoring and compaction run :mod:`vlcache.core` on those torch tensors; a runner overrides
@@ -26,14 +34,35 @@ from vlcache.core import post_vision_statistics
 from vlcache.export.spec import ExportSpec
 
 Handle = Any
-#: per layer (keys, values), each (1, H_kv, len_l, D)
-Cache = list[tuple[Handle, Handle]]
+
+
+@dataclass
+class LayerKV:
+    """One layer's cache: ``keys`` / ``values`` (B, H_kv, C, D) handles of capacity C (keys after
+    RoPE) whose first ``lengths[b]`` entries of row b are valid; ``lengths`` int64 (B,)."""
+
+    keys: Handle
+    values: Handle
+    lengths: np.ndarray
+
+    @property
+    def length(self) -> int:
+        """The valid length when every row holds the same number of entries (always at batch size 1)."""
+        first = int(self.lengths[0])
+        if (self.lengths != first).any():
+            raise ValueError(f"the rows of this cache hold different lengths {self.lengths.tolist()}")
+        return first
+
+
+#: one LayerKV per layer
+Cache = list[LayerKV]
 
 
 @dataclass
 class StepOutput:
-    """One decoder call: ``logits`` (V,) float32 numpy of the last row; ``cache`` the present KV
-    (past + new, per layer); ``queries`` per layer (1, H_q, n, D) after RoPE."""
+    """One decoder call: ``logits`` (B, V) float32 numpy of each row's last position; ``cache`` the
+    cache after the step (per layer, ``lengths`` advanced by n; the same buffers when the runner
+    writes in place); ``queries`` per layer (B, H_q, n, D) after RoPE."""
 
     logits: np.ndarray
     cache: Cache
@@ -59,12 +88,16 @@ class Runner(ABC):
         """(1, n) int64 -> (1, n, hidden) float32."""
 
     @abstractmethod
-    def empty_cache(self) -> Cache:
-        """Every layer's (keys, values) with length 0, for prefill."""
+    def empty_cache(self, capacity: int = 0, batch: int = 1) -> Cache:
+        """Every layer with length 0, for prefill: buffers with room for ``capacity`` entries per row
+        where the runner preallocates (runners that append by concatenation ignore ``capacity``)."""
 
     @abstractmethod
     def forward(self, inputs_embeds: np.ndarray, position_ids: np.ndarray, cache: Cache) -> StepOutput:
-        """Run the decoder on (1, n, hidden) embeddings at (1, n) positions after ``cache``."""
+        """Run the decoder on (B, n, hidden) embeddings at (B, n) positions after ``cache``.
+
+        ``cache`` is consumed: a runner that writes in place appends into its buffers (growing one
+        whose capacity is short), so only the returned :attr:`StepOutput.cache` is current."""
 
     # --- tensors ---------------------------------------------------------------------------------
     @abstractmethod
@@ -82,6 +115,40 @@ class Runner(ABC):
     @abstractmethod
     def shape(self, value: Handle) -> tuple[int, ...]:
         """A handle's shape, without copying it."""
+
+    # --- the cache ------------------------------------------------------------------------------
+    def valid_kv(self, kv: LayerKV) -> tuple[torch.Tensor, torch.Tensor]:
+        """The valid (keys, values) of a layer whose rows hold one length, (B, H_kv, length, D) torch
+        (views where the runner's handles allow)."""
+        n = kv.length
+        return self.to_torch(kv.keys)[:, :, :n], self.to_torch(kv.values)[:, :, :n]
+
+    def kv_bytes(self, kv: LayerKV) -> int:
+        """Bytes of a layer's valid entries (keys and values), whatever the buffers' capacity."""
+        shape = self.shape(kv.keys)
+        if shape[2] == 0:
+            return 0
+        per_entry = self.nbytes(kv.keys) // (shape[0] * shape[2])
+        return 2 * per_entry * int(np.asarray(kv.lengths).sum())
+
+    def kv_reserved_bytes(self, kv: LayerKV) -> int:
+        """Bytes a layer's buffers hold (capacity, not length)."""
+        return self.nbytes(kv.keys) + self.nbytes(kv.values)
+
+    def compact_layer(self, kv: LayerKV, indices: torch.Tensor, capacity: int) -> LayerKV:
+        """Keep entries ``indices`` (B, H_kv, k) of a layer (positions among its valid entries): a
+        layer with room for ``capacity`` entries per row (runners that append by concatenation
+        ignore ``capacity``: the result holds exactly k)."""
+        k = int(indices.shape[-1])
+        lengths = np.full(len(kv.lengths), k, dtype=np.int64)
+        return LayerKV(self.compact(kv.keys, indices), self.compact(kv.values, indices), lengths)
+
+    def evict(self, kv: LayerKV, index: int) -> LayerKV:
+        """Remove entry ``index`` from a layer (batch size 1; a decode policy's eviction)."""
+        n = kv.length
+        keep = torch.cat([torch.arange(index), torch.arange(index + 1, n)])
+        idx = keep.expand(len(kv.lengths), self.spec.num_kv_heads, n - 1).contiguous()
+        return self.compact_layer(kv, idx, int(self.shape(kv.keys)[2]))
 
     # --- the VL-Cache ops (defaults: vlcache.core) ------------------------------------------------
     def post_vision_stats(

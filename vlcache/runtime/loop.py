@@ -14,6 +14,13 @@ Semantics are those of the torch path (:func:`vlcache.generate`), step for step:
    every layer, never evicted — except by a method's decode policy (TGV-KV), applied from the
    step's own queries. ``on_token`` is called with every token as soon as it is chosen.
 
+KV memory (runners that preallocate, i.e. ONNX Runtime on the ``fused`` decoder): prefill writes into
+per-layer buffers of capacity ``m + max_new_tokens``; a layer that keeps k_l < m entries moves them
+into a new buffer of capacity ``k_l + max_new_tokens`` (so compression frees memory) and the
+prefill buffer is dropped; decode then writes every token into these buffers in place, and a
+decode policy's eviction shifts the entries inside them. ``full`` (and any layer that keeps all m)
+decodes in the prefill buffer. Runners that append by concatenation size each tensor exactly.
+
 :func:`prefill` does steps 1–3 and returns a :class:`GenerationState` whose ``step(token)`` feeds one
 token (serving and benchmarks drive it token by token); :func:`generate` is the greedy loop on top.
 Batch size 1: one prompt, unpadded (each prompt gets its own budgets, so rows could not share a
@@ -45,7 +52,9 @@ class RuntimeStats:
         backend, method, budget: what ran.
         prompt_tokens: m; image_tokens: how many of them are image tokens.
         kept_per_layer: tokens each layer kept after prefill (m everywhere for ``full``).
-        kv_bytes_before / kv_bytes_after: the prompt's KV cache before and after compaction.
+        kv_bytes_before / kv_bytes_after: the prompt's KV cache (valid entries) before and after compaction.
+        kv_bytes_reserved: what the cache's buffers hold after compaction, room for the decode
+            included (the valid bytes for runners that size tensors exactly).
         prefill_seconds: image encoding, embedding and the prompt's decoder pass.
         scoring_seconds: scoring, budget allocation and compaction.
         decode_seconds: the decode steps after the first token (token callbacks excluded).
@@ -67,6 +76,7 @@ class RuntimeStats:
     new_tokens: int = 0
     decode_evictions: int = 0
     layer_weights: list[float | None] = field(default_factory=list)
+    kv_bytes_reserved: int = 0
 
     @property
     def kept_fraction(self) -> float:
@@ -166,10 +176,10 @@ def _score(
     start = method.query_start(layout)
     scores = []
     for layer in range(spec.num_layers):
-        keys = runner.to_torch(cache[layer][0])
+        keys, _ = runner.valid_kv(cache[layer])
         queries = runner.to_torch(out_queries[layer])[:, :, start:]
         if isinstance(method, VLCacheMethod):
-            s, density = runner.post_vision_stats(queries, keys, start, config.threshold, spec.attention_scale)
+            s, density = runner.post_vision_stats(queries, keys, start, method.settings.threshold, spec.attention_scale)
             scores.append(LayerScore(s, float(density.mean())))
         else:
             inp = LayerInput(queries, keys, start, spec.attention_scale, layer, spec.num_layers)
@@ -181,22 +191,20 @@ def _evict_step(runner: Runner, policy: DecodePolicy, queries: list[Any], cache:
     """Apply a decode policy after one single-token step; returns the number of evictions."""
     evicted = 0
     for layer in range(runner.spec.num_layers):
-        keys = runner.to_torch(cache[layer][0])
+        keys, _ = runner.valid_kv(cache[layer])
         q = runner.to_torch(queries[layer])
         length = keys.shape[2]
         _, probs = next(iter_attention_chunks(q, keys, length - 1, scale=runner.spec.attention_scale))
         drop = policy.step(layer, probs, length)
         if drop is None:
             continue
-        keep = torch.cat([torch.arange(drop), torch.arange(drop + 1, length)])
-        idx = keep.expand(keys.shape[0], keys.shape[1], length - 1).contiguous()
-        cache[layer] = (runner.compact(cache[layer][0], idx), runner.compact(cache[layer][1], idx))
+        cache[layer] = runner.evict(cache[layer], int(drop))
         evicted += 1
     return evicted
 
 
 def _cache_bytes(runner: Runner, cache: Cache) -> int:
-    return sum(runner.nbytes(k) + runner.nbytes(v) for k, v in cache)
+    return sum(runner.kv_bytes(kv) for kv in cache)
 
 
 class GenerationState:
@@ -240,7 +248,7 @@ class GenerationState:
         runner = self.runner
         embeds = runner.embed(np.array([[token]], dtype=np.int64))
         out = runner.forward(embeds, np.array([[self.position]], dtype=np.int64), self.cache)
-        self.cache, self.logits = out.cache, out.logits
+        self.cache, self.logits = out.cache, out.logits[0]
         self.position += 1
         if self.policy is not None:
             self.stats.decode_evictions += _evict_step(runner, self.policy, out.queries, self.cache)
@@ -260,7 +268,8 @@ def prefill(
 ) -> GenerationState:
     """Encode the images, run the prompt, score, allocate budgets and compact (steps 1–3 above).
 
-    Args: as :func:`generate` (``max_new_tokens`` only checks the export's ``max_input_len``).
+    Args: as :func:`generate` (``max_new_tokens`` checks the export's ``max_input_len`` and sizes the
+    KV buffers of runners that preallocate; stepping further still works, those buffers then grow).
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
@@ -279,7 +288,8 @@ def prefill(
     embeds = runner.embed(ids)
     n_image = _merge_images(runner, ids, embeds, pixel_values)
     layout = _layout(ids, spec.image_token_id)
-    out = runner.forward(embeds, np.arange(m, dtype=np.int64)[None], runner.empty_cache())
+    # room for the whole generation: `full` decodes in these buffers, compaction moves the kept entries out
+    out = runner.forward(embeds, np.arange(m, dtype=np.int64)[None], runner.empty_cache(m + max_new_tokens))
     t1 = time.perf_counter()
 
     cache = out.cache
@@ -298,9 +308,9 @@ def prefill(
             if k >= m:
                 continue
             kept = method.select(scores[layer].scores, k, layout)
-            cache[layer] = (runner.compact(cache[layer][0], kept), runner.compact(cache[layer][1], kept))
+            cache[layer] = runner.compact_layer(cache[layer], kept, k + max_new_tokens)
             kept_indices[layer] = kept
-            if policy is not None and hasattr(policy, "set_protected"):
+            if policy is not None:
                 policy.set_protected(layer, kept)
     t2 = time.perf_counter()
 
@@ -310,14 +320,15 @@ def prefill(
         budget=config.budget,
         prompt_tokens=m,
         image_tokens=n_image,
-        kept_per_layer=[int(runner.shape(k)[2]) for k, _ in cache],
+        kept_per_layer=[kv.length for kv in cache],
         kv_bytes_before=before,
         kv_bytes_after=_cache_bytes(runner, cache),
+        kv_bytes_reserved=sum(runner.kv_reserved_bytes(kv) for kv in cache),
         prefill_seconds=t1 - t0,
         scoring_seconds=t2 - t1,
         layer_weights=weights,
     )
-    return GenerationState(runner, cache, out.logits, stats, kept_indices, budgets, policy)
+    return GenerationState(runner, cache, out.logits[0], stats, kept_indices, budgets, policy)
 
 
 def generate(

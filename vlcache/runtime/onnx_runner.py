@@ -1,13 +1,27 @@
 """`OnnxRunner`: the exported graphs on ONNX Runtime (CPU by default).
 
-* The decoder runs through an ``IOBinding``: each step's ``present_*`` outputs stay ORT-owned
-  ``OrtValue``s and are bound as the next step's ``past_*`` inputs, so the cache is not copied
-  between numpy and ONNX Runtime on every token (the graph's ``Concat`` appends, as transformers'
-  ``DynamicCache`` does with ``torch.cat``).
-* Scoring runs the ``vlcache.PostVisionStats`` op (local function, native ORT kernels) in a small
-  session built for the config's threshold and the model's attention scale; compaction runs the
-  ``vlcache.CompactKV`` graph of the export directory.
-* Handles are numpy arrays or ``OrtValue``s; :meth:`OnnxRunner.to_torch` converts on demand.
+The decoder runs through an ``IOBinding``, in the form ``export.json``'s ``attention`` names:
+
+* ``fused`` (the default export): every layer's keys and values live in numpy buffers
+  (B, H_kv, capacity, D) allocated once per request (:meth:`OnnxRunner.empty_cache`, and
+  :meth:`OnnxRunner.compact_layer` after compaction) and wrapped without a copy as ``OrtValue``s.
+  Each step binds the **same** ``OrtValue`` as ``past_key.l`` and ``present_key.l`` (values
+  alike) with the per-row lengths ``past_length.l``; ``com.microsoft.GroupQueryAttention`` then
+  sees one buffer for past and present and writes only the n new entries at each row's length —
+  no copy of the cache per step (checked in the tests: the buffer's address is the same every
+  step, and entries beyond the valid length keep their old contents, which a kernel working on a
+  separate present buffer would zero). A buffer whose room runs out is grown (copied once into
+  one twice as large). A decode policy's eviction shifts the entries inside the buffer.
+* ``standard``: each step's ``present_*`` outputs stay ORT-owned ``OrtValue``s and are bound as
+  the next step's ``past_*`` inputs (no numpy round trip), and the graph's ``Concat`` appends —
+  a new, one-longer tensor per layer and step, as transformers' ``DynamicCache`` does with
+  ``torch.cat``.
+
+Scoring runs the ``vlcache.PostVisionStats`` op (local function, native ORT kernels) in a small
+session built for the config's threshold and the model's attention scale; compaction runs the
+``vlcache.CompactKV`` graph of the export directory (on the fused decoder, its result is copied
+into the layer's new, smaller buffer). Handles are numpy arrays or ``OrtValue``s;
+:meth:`OnnxRunner.to_torch` converts on demand (a view of a numpy buffer, no copy).
 """
 
 from __future__ import annotations
@@ -21,7 +35,7 @@ import torch
 from vlcache.core.sparsity import DEFAULT_THRESHOLD
 from vlcache.export import names
 from vlcache.export.spec import ExportSpec
-from vlcache.runtime.base import Cache, Handle, Runner, StepOutput
+from vlcache.runtime.base import Cache, Handle, LayerKV, Runner, StepOutput
 
 _ITEMSIZE = {"tensor(float)": 4, "tensor(float16)": 2, "tensor(bfloat16)": 2, "tensor(int64)": 8, "tensor(int32)": 4}
 
@@ -74,9 +88,11 @@ class OnnxRunner(Runner):
         self.compactor = self._session("compact_kv")
         self._scorers: dict[tuple[float, float], Any] = {}
         self._scorer(DEFAULT_THRESHOLD, self.spec.attention_scale)  # built now, not inside the first prefill
+        #: the decoder's attention (``fused``: preallocated buffers written in place; ``standard``: Concat)
+        self.attention = self.spec.attention
+        self.fused = self.attention == names.ATTENTION_FUSED
         self._check_decoder()
         self._outputs = [o.name for o in self.decoder.get_outputs()]
-        self._present = {name: i for i, name in enumerate(self._outputs)}
 
     def _session(self, role: str) -> Any:
         path = self.spec.graph_path(self.directory, role)
@@ -92,6 +108,8 @@ class OnnxRunner(Runner):
         want_out = {names.LOGITS}
         for layer in range(spec.num_layers):
             want_in |= {names.past_key(layer), names.past_value(layer)}
+            if self.fused:
+                want_in.add(names.past_length(layer))
             want_out |= {names.present_key(layer), names.present_value(layer), names.query(layer)}
         if not want_in <= inputs or not want_out <= outputs:
             missing = sorted((want_in - inputs) | (want_out - outputs))
@@ -110,10 +128,31 @@ class OnnxRunner(Runner):
         out = self.embedder.run([names.INPUTS_EMBEDS], {names.INPUT_IDS: np.ascontiguousarray(input_ids, np.int64)})
         return np.asarray(out[0])
 
-    def empty_cache(self) -> Cache:
+    def empty_cache(self, capacity: int = 0, batch: int = 1) -> Cache:
         spec = self.spec
-        empty = np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), dtype=np.float32)
-        return [(empty, empty) for _ in range(spec.num_layers)]
+        if not isinstance(batch, int) or batch < 1 or not isinstance(capacity, int) or capacity < 0:
+            raise ValueError(f"batch must be >= 1 and capacity >= 0, got {batch!r} and {capacity!r}")
+        shape = (batch, spec.num_kv_heads, capacity if self.fused else 0, spec.head_dim)
+        return [
+            LayerKV(np.zeros(shape, np.float32), np.zeros(shape, np.float32), np.zeros(batch, dtype=np.int64))
+            for _ in range(spec.num_layers)
+        ]
+
+    def _buffer(self, batch: int, capacity: int) -> np.ndarray:
+        return np.zeros((batch, self.spec.num_kv_heads, capacity, self.spec.head_dim), dtype=np.float32)
+
+    def _room(self, kv: LayerKV, n: int) -> LayerKV:
+        """``kv`` itself when its buffers hold n more entries per row, else a copy twice as large."""
+        keys = np.asarray(kv.keys)
+        need = int(kv.lengths.max()) + n
+        capacity = keys.shape[2]
+        if need <= capacity:
+            return kv
+        grown = max(need, 2 * capacity)
+        new_k, new_v = self._buffer(keys.shape[0], grown), self._buffer(keys.shape[0], grown)
+        new_k[:, :, :capacity] = keys
+        new_v[:, :, :capacity] = np.asarray(kv.values)
+        return LayerKV(new_k, new_v, kv.lengths)
 
     def _bind(self, io: Any, name: str, value: Handle, keep: list[np.ndarray]) -> None:
         if isinstance(value, self._ort.OrtValue):
@@ -124,30 +163,101 @@ class OnnxRunner(Runner):
             io.bind_cpu_input(name, array)
 
     def forward(self, inputs_embeds: np.ndarray, position_ids: np.ndarray, cache: Cache) -> StepOutput:
-        if len(cache) != self.spec.num_layers:
-            raise ValueError(f"cache has {len(cache)} layers, the model {self.spec.num_layers}")
-        io = self.decoder.io_binding()
+        spec = self.spec
+        if len(cache) != spec.num_layers:
+            raise ValueError(f"cache has {len(cache)} layers, the model {spec.num_layers}")
         embeds = np.ascontiguousarray(inputs_embeds, np.float32)
         positions = np.ascontiguousarray(position_ids, np.int64)
+        batch, n = embeds.shape[0], embeds.shape[1]
+        if positions.shape != (batch, n):
+            raise ValueError(f"position_ids must be {(batch, n)}, got {positions.shape}")
+        for kv in cache:
+            if kv.lengths.shape != (batch,):
+                raise ValueError(
+                    f"the cache's lengths must be ({batch},) for a batch of {batch}, got {kv.lengths.shape}"
+                )
+        io = self.decoder.io_binding()
         io.bind_cpu_input(names.INPUTS_EMBEDS, embeds)
         io.bind_cpu_input(names.POSITION_IDS, positions)
-        keep: list[np.ndarray] = [embeds, positions]
-        for layer, (k, v) in enumerate(cache):
-            self._bind(io, names.past_key(layer), k, keep)
-            self._bind(io, names.past_value(layer), v, keep)
-        for name in self._outputs:
-            io.bind_output(name, "cpu")
+        keep: list[Any] = [embeds, positions]
+        bound: list[str] = []  # output names in binding order: the order of io.get_outputs()
+        if self.fused:
+            if n > 1 and batch > 1 and any(kv.lengths.any() for kv in cache):
+                raise ValueError(
+                    "ONNX Runtime's GroupQueryAttention takes several new tokens after a non-empty cache only at "
+                    "batch size 1; feed the rows one by one (single-token steps take any per-row lengths)"
+                )
+            cache = [self._room(kv, n) for kv in cache]
+            for layer, kv in enumerate(cache):
+                lengths = np.ascontiguousarray(kv.lengths, np.int64)
+                keep.append(lengths)
+                io.bind_cpu_input(names.past_length(layer), lengths)
+                for past, present, buffer in (
+                    (names.past_key(layer), names.present_key(layer), kv.keys),
+                    (names.past_value(layer), names.present_value(layer), kv.values),
+                ):
+                    # one OrtValue over the numpy buffer (no copy) as input and output: the kernel
+                    # sees past is present and writes the new entries into it
+                    value = self._ort.OrtValue.ortvalue_from_numpy(buffer)
+                    keep.append(value)
+                    io.bind_ortvalue_input(past, value)
+                    io.bind_ortvalue_output(present, value)
+                    bound.append(present)
+            for name in (names.LOGITS, *(names.query(i) for i in range(spec.num_layers))):
+                io.bind_output(name, "cpu")
+                bound.append(name)
+        else:
+            for layer, kv in enumerate(cache):
+                if self.shape(kv.keys)[2] != int(kv.lengths.max(initial=0)) or kv.lengths.min() != kv.lengths.max():
+                    raise ValueError(
+                        "the standard decoder takes caches whose rows all hold exactly their tensor's length"
+                    )
+                self._bind(io, names.past_key(layer), kv.keys, keep)
+                self._bind(io, names.past_value(layer), kv.values, keep)
+            for name in self._outputs:
+                io.bind_output(name, "cpu")
+                bound.append(name)
         self.decoder.run_with_iobinding(io)
         del keep
-        values = io.get_outputs()
-        get = self._present
-        new_cache = [
-            (values[get[names.present_key(i)]], values[get[names.present_value(i)]])
-            for i in range(self.spec.num_layers)
-        ]
-        queries = [values[get[names.query(i)]] for i in range(self.spec.num_layers)]
-        logits = values[get[names.LOGITS]].numpy()[0, -1]
+        out = dict(zip(bound, io.get_outputs()))
+        if self.fused:
+            for layer, kv in enumerate(cache):  # cheap guard: ONNX Runtime wrote into our buffers
+                if out[names.present_key(layer)].data_ptr() != kv.keys.ctypes.data:
+                    raise RuntimeError(f"ONNX Runtime did not write layer {layer}'s keys into the bound KV buffer")
+            new_cache = [LayerKV(kv.keys, kv.values, kv.lengths + n) for kv in cache]
+        else:
+            new_cache = [
+                LayerKV(out[names.present_key(i)], out[names.present_value(i)], kv.lengths + n)
+                for i, kv in enumerate(cache)
+            ]
+        queries = [out[names.query(i)] for i in range(spec.num_layers)]
+        logits = out[names.LOGITS].numpy()[:, -1]
         return StepOutput(logits=logits, cache=new_cache, queries=queries)
+
+    # --- the cache -------------------------------------------------------------------------------
+    def compact_layer(self, kv: LayerKV, indices: torch.Tensor, capacity: int) -> LayerKV:
+        """Runs ``vlcache.CompactKV``; on the fused decoder the kept entries then go into new buffers
+        of ``capacity`` (≥ k) entries per row, which the decode steps write into."""
+        if not self.fused:
+            return super().compact_layer(kv, indices, capacity)
+        batch, _, k = indices.shape
+        if capacity < k:
+            raise ValueError(f"capacity {capacity} cannot hold the {k} kept entries")
+        out = LayerKV(self._buffer(batch, capacity), self._buffer(batch, capacity), np.full(batch, k, np.int64))
+        out.keys[:, :, :k] = self.compact(kv.keys, indices)
+        out.values[:, :, :k] = self.compact(kv.values, indices)
+        return out
+
+    def evict(self, kv: LayerKV, index: int) -> LayerKV:
+        """On the fused decoder: shifts the entries after ``index`` one place down inside the buffers."""
+        if not self.fused:
+            return super().evict(kv, index)
+        n = kv.length
+        if not 0 <= index < n:
+            raise ValueError(f"cannot evict entry {index} of a layer holding {n}")
+        for buffer in (kv.keys, kv.values):
+            buffer[:, :, index : n - 1] = buffer[:, :, index + 1 : n]  # numpy copes with the overlap
+        return LayerKV(kv.keys, kv.values, kv.lengths - 1)
 
     # --- tensors ---------------------------------------------------------------------------------
     def _numpy(self, value: Handle) -> np.ndarray:

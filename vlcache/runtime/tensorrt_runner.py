@@ -24,7 +24,7 @@ import torch
 
 from vlcache.export import names
 from vlcache.export.spec import ExportSpec
-from vlcache.runtime.base import Cache, Handle, Runner, StepOutput
+from vlcache.runtime.base import Cache, Handle, LayerKV, Runner, StepOutput
 from vlcache.runtime.tensorrt_support import import_tensorrt
 
 
@@ -102,24 +102,30 @@ class TensorRTRunner(Runner):
         out = self._run("embed", {names.INPUT_IDS: torch.from_numpy(np.asarray(input_ids, np.int64))})
         return out[names.INPUTS_EMBEDS].float().cpu().numpy()
 
-    def empty_cache(self) -> Cache:
+    def empty_cache(self, capacity: int = 0, batch: int = 1) -> Cache:
+        """Zero-length tensors: the engines are built from the standard decoder, which appends by
+        concatenation (``capacity`` is not used)."""
         spec = self.spec
-        empty = torch.zeros(1, spec.num_kv_heads, 0, spec.head_dim, device=self.device)
-        return [(empty, empty) for _ in range(spec.num_layers)]
+        empty = torch.zeros(batch, spec.num_kv_heads, 0, spec.head_dim, device=self.device)
+        return [LayerKV(empty, empty, np.zeros(batch, dtype=np.int64)) for _ in range(spec.num_layers)]
 
     def forward(self, inputs_embeds: np.ndarray, position_ids: np.ndarray, cache: Cache) -> StepOutput:
         feeds = {
             names.INPUTS_EMBEDS: torch.from_numpy(np.asarray(inputs_embeds, np.float32)),
             names.POSITION_IDS: torch.from_numpy(np.asarray(position_ids, np.int64)),
         }
-        for layer, (k, v) in enumerate(cache):
-            feeds[names.past_key(layer)] = k
-            feeds[names.past_value(layer)] = v
+        for layer, kv in enumerate(cache):
+            feeds[names.past_key(layer)] = kv.keys
+            feeds[names.past_value(layer)] = kv.values
         out = self._run("decoder", feeds)
         n = self.spec.num_layers
+        new = int(inputs_embeds.shape[1])
         return StepOutput(
-            logits=out[names.LOGITS][0, -1].float().cpu().numpy(),
-            cache=[(out[names.present_key(i)], out[names.present_value(i)]) for i in range(n)],
+            logits=out[names.LOGITS][:, -1].float().cpu().numpy(),
+            cache=[
+                LayerKV(out[names.present_key(i)], out[names.present_value(i)], kv.lengths + new)
+                for i, kv in enumerate(cache)
+            ],
             queries=[out[names.query(i)] for i in range(n)],
         )
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 import importlib.util
 from types import ModuleType
 
+from vlcache.errors import UserError
 
-class TensorRTUnavailableError(RuntimeError):
+
+class TensorRTUnavailableError(RuntimeError, UserError):
     """TensorRT (or a part of it a caller needs) is missing or too old (a one-line message)."""
 
 

@@ -9,7 +9,8 @@ Modules (light at import; torch, transformers and Triton load on first use):
 * :mod:`vlcache.serving.engine` — the :class:`Engine` protocol, the torch engine, :func:`load_engine`.
 * :mod:`vlcache.serving.model` — what the repository's ``model.py`` runs (``ServedModel``).
 * :mod:`vlcache.serving.repository` — :func:`render_repository` from the ``triton_repo/`` templates.
-* :mod:`vlcache.serving.server` — :class:`TritonServer` and the ``vlcache-serve`` command.
+* :mod:`vlcache.serving.server` — :class:`TritonServer` and :func:`~vlcache.serving.server.serve`
+  (what the ``vlcache-serve`` command, :mod:`vlcache.cli.serve`, runs).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ __all__ = [
     "Engine",
     "InvalidRequest",
     "RenderError",
-    "ServeError",
     "TritonServer",
     "load_engine",
     "read_manifest",
@@ -36,7 +36,6 @@ _EXPORTS = {
     "InvalidRequest": "vlcache.serving.request",
     "RenderError": "vlcache.serving.repository",
     "render_repository": "vlcache.serving.repository",
-    "ServeError": "vlcache.serving.server",
     "TritonServer": "vlcache.serving.server",
 }
 

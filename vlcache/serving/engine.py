@@ -12,10 +12,11 @@ Contract of an :class:`Engine` (any backend):
 * One generation at a time per engine (a lock serialises calls): the torch backend installs hooks on
   the model for the duration of a call. Scale with Triton model instances.
 
-Prompt formatting (``manifest.model["prompt_style"]``): ``plain`` → ``"<image> {prompt}"`` (the
-`digits` task's format); ``chat`` → the processor's chat template with one image and the prompt;
-``auto`` (default) → the prompt as is when it already contains the image token, else ``chat`` when
-the processor has a chat template, else ``plain``.
+Prompt formatting (``manifest.model["prompt_style"]``), by :func:`vlcache.hf.inputs.image_prompt`
+(the fidelity harness's too): ``plain`` → ``"<image> {prompt}"`` (the `digits` task's format);
+``chat`` → the processor's chat template with one image and the prompt; ``auto`` (default) → the
+prompt as is when it already contains the image token, else ``chat`` when the processor has a chat
+template, else ``plain``.
 
 :func:`load_engine` dispatches on ``manifest.backend``: ``torch`` is :class:`TorchEngine`
 (transformers + :mod:`vlcache.hf`); ``onnx`` and ``tensorrt`` are :class:`RuntimeEngine` over the graphs
@@ -73,7 +74,7 @@ def resolve_config(default: CompressionConfig, budget: float | None, method: str
     if not overrides:
         return default
     try:
-        return CompressionConfig.from_dict({**default.to_dict(), **overrides})
+        return default.with_changes(**overrides)
     except ValueError as e:
         raise InvalidRequest(str(e)) from None
 
@@ -131,6 +132,8 @@ class _ProcessorEngine:
         from transformers import AutoProcessor
         from transformers.utils import logging as hf_logging
 
+        from vlcache.hf.inputs import image_token_text
+
         self.manifest = manifest
         self.max_input_len = manifest.build.max_input_len
         self.default_config = manifest.build.compression
@@ -148,20 +151,16 @@ class _ProcessorEngine:
         finally:
             hf_logging.set_verbosity(verbosity)
         self.tokenizer = self.processor.tokenizer
-        self.image_token = str(getattr(self.processor, "image_token", "<image>"))
+        self.image_token = image_token_text(self.processor)
         self._lock = threading.Lock()
 
     def format_prompt(self, prompt: str) -> str:
         """The text handed to the processor with the image (see the module docstring)."""
-        style = self.prompt_style
-        if style == "auto":
-            if self.image_token in prompt:
-                return prompt
-            style = "chat" if getattr(self.processor, "chat_template", None) else "plain"
-        if style == "chat":
-            conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-            return str(self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False))
-        return f"{self.image_token} {prompt}"
+        from vlcache.hf.inputs import image_prompt
+
+        if self.prompt_style == "auto":
+            return prompt if self.image_token in prompt else image_prompt(self.processor, prompt)
+        return image_prompt(self.processor, prompt, chat=self.prompt_style == "chat")
 
     def tokenize(self, image: Image.Image, prompt: str) -> dict[str, Any]:
         """Processor outputs (batch 1, torch tensors); InvalidRequest when the prompt is too long."""
@@ -213,12 +212,9 @@ class TorchEngine(_ProcessorEngine):
 
     def prepare(self, image: Image.Image, prompt: str) -> dict[str, Any]:
         """Processor outputs (batch 1) on the model's device; InvalidRequest when the prompt is too long."""
-        batch = self.tokenize(image, prompt)
-        device, dtype = self.loaded.device, self.loaded.dtype
-        return {
-            k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) if hasattr(v, "to") else v
-            for k, v in batch.items()
-        }
+        from vlcache.hf.inputs import move_inputs
+
+        return move_inputs(self.tokenize(image, prompt), self.loaded.device, self.loaded.dtype)
 
     def generate(
         self,

@@ -3,7 +3,8 @@
 Contract of :func:`render_repository`:
 * Reads ``ARTIFACT/manifest.json`` (:func:`vlcache.artifact.read_manifest`).
 * Copies the template tree (``triton_repo/`` at the top of the source tree, shipped inside the
-  package as ``vlcache/serving/triton_repo``) into ``out`` (default ``ARTIFACT/triton``); every
+  package as ``vlcache/serving/triton_repo``: a symlink to it in a checkout, which setuptools copies
+  into a wheel as package data) into ``out`` (default ``ARTIFACT/triton``); every
   ``*.pbtxt`` goes through ``string.Template.substitute``: a placeholder with no value, or a ``$``
   that is not a placeholder, raises :class:`RenderError`, and so does any ``${`` left afterwards.
 * The model's inputs and outputs are rendered from :mod:`vlcache.serving.protocol`.
@@ -24,23 +25,21 @@ from pathlib import Path
 
 from vlcache.artifact import read_manifest
 from vlcache.atomic import atomic_dir
+from vlcache.errors import UserError
 from vlcache.serving import protocol
 
-#: inside the package (a wheel's copy; in a checkout a symlink to the top-level folder)
-TEMPLATES = Path(__file__).resolve().parent / "triton_repo"
+#: inside the package (a wheel's copy; in a checkout the top-level ``triton_repo/``, through a symlink)
+TEMPLATES = (Path(__file__).parent / "triton_repo").resolve()
 
 
-class RenderError(ValueError):
+class RenderError(ValueError, UserError):
     """A template could not be rendered completely (a one-line message)."""
 
 
 def templates_dir() -> Path:
-    """The template repository shipped with the package."""
-    from vlcache.paths import project_root
-
-    for path in (TEMPLATES, project_root() / "triton_repo"):
-        if (path / protocol.MODEL_NAME / "config.pbtxt").is_file():
-            return path
+    """The template repository shipped with the package (RenderError when it is missing)."""
+    if (TEMPLATES / protocol.MODEL_NAME / "config.pbtxt").is_file():
+        return TEMPLATES
     raise RenderError(f"the Triton repository templates are missing from {TEMPLATES} (broken installation?)")
 
 

@@ -24,12 +24,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from vlcache.errors import UserError
 from vlcache.serving import protocol
 
 MAX_IMAGE_PIXELS = 4096 * 4096
 
 
-class InvalidRequest(ValueError):
+class InvalidRequest(ValueError, UserError):
     """A request the model refuses; the message is what the client sees."""
 
     def __init__(self, message: str) -> None:

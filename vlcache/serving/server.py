@@ -1,8 +1,9 @@
-"""Run a real Triton Inference Server on an artifact: `vlcache-serve` and the :class:`TritonServer` API.
+"""Run a real Triton Inference Server on an artifact: the :class:`TritonServer` API and :func:`serve`,
+what `vlcache-serve` (:mod:`vlcache.cli.serve`) runs.
 
 Contract:
 * :func:`find_tritonserver`: ``tritonserver`` on PATH, else the binary inside the installed
-  ``nvidia-pytriton`` wheel; :class:`ServeError` when there is none.
+  ``nvidia-pytriton`` wheel; :class:`~vlcache.errors.UserError` when there is none.
 * Backends: a server from a standard install (``/opt/tritonserver/bin``, the NGC images) uses its
   own ``backends/`` folder. For the wheel's binary a backend directory is prepared in a private work
   folder: ``python/`` holding the wheel's ``libtriton_python.so``, ``triton_python_backend_utils.py``
@@ -13,15 +14,16 @@ Contract:
   finds its prefix, venv included, from the ``python3`` on PATH). That environment must have
   numpy < 2: with numpy 2 the stub hands the model zeros.
 * The server binds to 127.0.0.1 only (HTTP, gRPC, metrics); a port of 0 means a free one.
-  ``start`` returns once ``/v2/models/vlcache/ready`` answers 200, or raises :class:`ServeError`
-  with the tail of the server's log when the process exits or the timeout passes.
+  ``start`` returns once ``/v2/models/vlcache/ready`` answers 200, or raises
+  :class:`~vlcache.errors.UserError` with the tail of the server's log when the process exits or
+  the timeout passes (every failure to find, prepare or start the server is a UserError: the
+  command reports it without a traceback).
 * ``stop`` sends SIGTERM (Triton unloads the model and exits), waits, then SIGKILLs the process
-  group; the context manager always stops. `vlcache-serve` stops the same way on Ctrl-C / SIGTERM.
+  group; the context manager always stops. :func:`serve` stops the same way on Ctrl-C / SIGTERM.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import signal
@@ -30,20 +32,19 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
+from types import FrameType, TracebackType
 
+from vlcache.errors import UserError
 from vlcache.serving import protocol
 
 HOST = "127.0.0.1"
 LOG_TAIL_LINES = 40
-
-
-class ServeError(Exception):
-    """The server cannot be found, started or kept running (a one-line message, plus a log tail)."""
 
 
 def find_tritonserver() -> Path:
@@ -54,13 +55,13 @@ def find_tritonserver() -> Path:
     try:
         import pytriton  # type: ignore[import-untyped,unused-ignore]
     except ImportError:
-        raise ServeError(
+        raise UserError(
             "tritonserver not found: not on PATH and nvidia-pytriton is not installed "
             "(pip install 'vlcache[serve]', or run inside an NGC tritonserver image)"
         ) from None
     binary = Path(pytriton.__file__).resolve().parent / "tritonserver" / "bin" / "tritonserver"
     if not binary.is_file():
-        raise ServeError(f"nvidia-pytriton is installed but has no tritonserver binary at {binary}")
+        raise UserError(f"nvidia-pytriton is installed but has no tritonserver binary at {binary}")
     return binary
 
 
@@ -76,12 +77,12 @@ def prepare_backends(binary: Path, workdir: Path) -> Path:
     if wheel is None:
         backends = binary.parent.parent / "backends"
         if not (backends / "python").is_dir():
-            raise ServeError(f"{binary} has no python backend in {backends}")
+            raise UserError(f"{binary} has no python backend in {backends}")
         return backends
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     stub = wheel / "python_backend_stubs" / version / "triton_python_backend_stub"
     if not stub.is_file():
-        raise ServeError(f"nvidia-pytriton has no Python backend stub for Python {version} ({stub})")
+        raise UserError(f"nvidia-pytriton has no Python backend stub for Python {version} ({stub})")
     target = workdir / "backends" / "python"
     target.mkdir(parents=True, exist_ok=True)
     for item in (wheel / "backends" / "python").iterdir():
@@ -142,7 +143,7 @@ class TritonServer:
     ) -> None:
         self.repository = Path(repository).resolve()
         if not (self.repository / protocol.MODEL_NAME / "config.pbtxt").is_file():
-            raise ServeError(
+            raise UserError(
                 f"{self.repository} is not a vlcache model repository (no {protocol.MODEL_NAME}/config.pbtxt)"
             )
         self.grpc_port = grpc_port or free_port()
@@ -208,7 +209,7 @@ class TritonServer:
 
     def start(self) -> TritonServer:
         if self.process is not None:
-            raise ServeError("the server is already started")
+            raise RuntimeError("the server is already started")  # a caller's bug, not a user mistake
         backends = prepare_backends(self.binary, self.workdir)
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
@@ -240,14 +241,14 @@ class TritonServer:
         while time.monotonic() < deadline:
             if self.process is None or self.process.poll() is not None:
                 code = None if self.process is None else self.process.returncode
-                raise ServeError(
+                raise UserError(
                     f"tritonserver exited (status {code}) before model '{protocol.MODEL_NAME}' was ready; "
                     f"log {self.log_path}:\n{log_tail(self.log_path)}"
                 )
             if self.ready():
                 return
             time.sleep(0.25)
-        raise ServeError(
+        raise UserError(
             f"model '{protocol.MODEL_NAME}' not ready after {self.startup_timeout:.0f} s; "
             f"log {self.log_path}:\n{log_tail(self.log_path)}"
         )
@@ -286,74 +287,50 @@ class TritonServer:
         self.stop()
 
 
-# --- vlcache-serve ---------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="vlcache-serve",
-        description="Serve a vlcache artifact directory with Triton Inference Server (bound to 127.0.0.1).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("artifact_dir", help="artifact directory written by vlcache-build")
-    p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (0: a free one)")
-    p.add_argument("--http-port", type=int, default=8000, help="HTTP port (0: a free one)")
-    p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (0: a free one)")
-    p.add_argument("--instances", type=int, default=None, help="model instances (default: the rendered repository's)")
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch / ONNX Runtime threads per instance (default: the repository's)",
-    )
-    p.add_argument("--max-tokens-cap", type=int, default=None, help="largest max_tokens a request may ask for")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the model to be ready")
-    return p
+# --- serving until stopped ------------------------------------------------------------------------
+class _Terminated(Exception):
+    """SIGTERM arrived while :func:`serve` was waiting."""
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from vlcache.artifact import ArtifactError
-    from vlcache.serving.repository import RenderError
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise _Terminated
 
-    def _terminate(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, _terminate)
-    server: TritonServer | None = None
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def serve(
+    server: TritonServer, say: Callable[[str], None] = print, warn: Callable[[str], None] = _stderr
+) -> int | None:
+    """Start ``server`` and keep it running until it exits or this process is asked to stop.
+
+    SIGTERM (in the main thread) stops it and returns None; Ctrl-C stops it and re-raises the
+    ``KeyboardInterrupt``. When tritonserver exits by itself, ``warn`` gets its status and the tail
+    of its log, and the status is returned. ``server`` is always stopped (:meth:`TritonServer.stop`)
+    and its work folder removed; ``say`` gets one line per step (starting, ready, stopping, stopped).
+    """
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
-        server = TritonServer.for_artifact(
-            args.artifact_dir,
-            instances=args.instances,
-            num_threads=args.threads,
-            max_tokens_cap=args.max_tokens_cap,
-            grpc_port=args.grpc_port,
-            http_port=args.http_port,
-            metrics_port=args.metrics_port,
-            startup_timeout=args.timeout,
-        )
-        print(f"vlcache-serve: starting tritonserver on {server.repository} (log {server.log_path})", flush=True)
+        say(f"starting tritonserver on {server.repository} (log {server.log_path})")
         server.start()
-        print(
-            f"vlcache-serve: ready: gRPC {server.url}, HTTP {HOST}:{server.http_port}, "
-            f"metrics {HOST}:{server.metrics_port}; Ctrl-C to stop",
-            flush=True,
+        say(
+            f"ready: gRPC {server.url}, HTTP {HOST}:{server.http_port}, "
+            f"metrics {HOST}:{server.metrics_port}; Ctrl-C to stop"
         )
         while server.running():
             time.sleep(0.5)
-        print(f"vlcache-serve: tritonserver exited unexpectedly; log:\n{log_tail(server.log_path)}", file=sys.stderr)
-        return 1
-    except (ArtifactError, RenderError, ServeError) as e:
-        print(f"vlcache-serve: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("vlcache-serve: stopping", flush=True)
-        return 0
+        code = server.process.returncode if server.process is not None else None
+        warn(f"tritonserver exited unexpectedly (status {code}); log {server.log_path}:\n{log_tail(server.log_path)}")
+        return code
+    except _Terminated:
+        say("stopping")
+        return None
     finally:
-        if server is not None:
-            code = server.stop()
-            if code is not None:
-                print(f"vlcache-serve: tritonserver stopped (status {code})", flush=True)
-            server.cleanup()
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+        if main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        code = server.stop()
+        if code is not None:
+            say(f"tritonserver stopped (status {code})")
+        server.cleanup()

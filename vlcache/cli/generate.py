@@ -22,13 +22,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from vlcache.cli import Parser, run_main
+from vlcache.cli import Parser, UserError, add_max_tokens_flag, method_name, run_main
 
 PROG = "vlcache-generate"
-
-
-class GenerateError(Exception):
-    """A user mistake: printed on one line, exit status 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,14 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact", type=Path, help="artifact directory written by vlcache-build")
     p.add_argument("--image", required=True, help="PNG / JPEG file, or digits:N for scene N of the digits test split")
     p.add_argument("--prompt", required=True, help="the question (the image placeholder is added for you)")
-    p.add_argument("--max-tokens", type=int, default=32, help="tokens to generate at most")
+    add_max_tokens_flag(p, help="tokens to generate at most")
     p.add_argument(
         "--budget",
         default=None,
         help="KV budget α in (0, 1] (default: the build's); several, comma-separated (1.0,0.1), answer the "
         "question once per budget and print them side by side",
     )
-    p.add_argument("--method", default=None, help="compression method (default: the build's)")
+    p.add_argument("--method", type=method_name, default=None, help="compression method (default: the build's)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: the library default)")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the artifact's files")
     return p
@@ -56,54 +52,48 @@ def load_image(spec: str) -> Any:
         try:
             index = int(spec.split(":", 1)[1])
         except ValueError:
-            raise GenerateError(f"--image {spec!r}: expected digits:N with an integer N") from None
+            raise UserError(f"--image {spec!r}: expected digits:N with an integer N") from None
         from vlcache.eval.tasks import DigitScenes
 
         return DigitScenes("test").scene(index)[0]
     path = Path(spec).expanduser()
     if not path.is_file():
-        raise GenerateError(f"--image: no such file: {path}")
+        raise UserError(f"--image: no such file: {path}")
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
     except (UnidentifiedImageError, OSError) as e:
-        raise GenerateError(f"--image {path} is not a readable image: {e}") from None
+        raise UserError(f"--image {path} is not a readable image: {e}") from None
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    if args.max_tokens < 1:
-        raise GenerateError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     if not args.prompt.strip():
-        raise GenerateError("--prompt is empty")
+        raise UserError("--prompt is empty")
     image = load_image(args.image)
     import torch
 
-    from vlcache.artifact import ArtifactError
     from vlcache.serving.engine import load_engine
-    from vlcache.serving.request import InvalidRequest
 
     budgets = parse_budget_list(args.budget)
     if args.threads:
         torch.set_num_threads(args.threads)
     runs: list[dict[str, Any]] = []
-    try:
-        engine = load_engine(args.artifact, verify=not args.no_verify, threads=max(args.threads, 0))
-        for budget in budgets:
-            if len(budgets) > 1:
-                print(f"[budget {budget:g}] ", end="", flush=True)
-            text: list[str] = []
+    # ArtifactError (a changed or missing artifact) and InvalidRequest (a budget out of range) are UserErrors
+    engine = load_engine(args.artifact, verify=not args.no_verify, threads=max(args.threads, 0))
+    for budget in budgets:
+        if len(budgets) > 1:
+            print(f"[budget {budget:g}] ", end="", flush=True)
+        text: list[str] = []
 
-            def on_text(delta: str, text: list[str] = text) -> None:
-                text.append(delta)
-                print(delta, end="", flush=True)
+        def on_text(delta: str, text: list[str] = text) -> None:
+            text.append(delta)
+            print(delta, end="", flush=True)
 
-            stats = engine.generate(
-                image, args.prompt, max_tokens=args.max_tokens, budget=budget, method=args.method, on_text=on_text
-            )
-            print()
-            runs.append({**stats, "text": "".join(text)})
-    except (ArtifactError, InvalidRequest) as e:
-        raise GenerateError(str(e)) from None
+        stats = engine.generate(
+            image, args.prompt, max_tokens=args.max_tokens, budget=budget, method=args.method, on_text=on_text
+        )
+        print()
+        runs.append({**stats, "text": "".join(text)})
     if len(runs) == 1:
         stats = {k: v for k, v in runs[0].items() if k != "text"}
         print(json.dumps(stats))
@@ -124,9 +114,9 @@ def parse_budget_list(text: str | None) -> list[float | None]:
         try:
             budgets.append(float(item))
         except ValueError:
-            raise GenerateError(f"--budget: {item!r} is not a number") from None
+            raise UserError(f"--budget: {item!r} is not a number") from None
     if not budgets:
-        raise GenerateError("--budget is empty")
+        raise UserError("--budget is empty")
     return budgets
 
 
@@ -146,7 +136,7 @@ def format_side_by_side(runs: Sequence[dict[str, Any]]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; ``argv`` defaults to ``sys.argv[1:]``. Returns 0 or exits with a one-line error."""
-    return run_main(build_parser(), run, argv, (GenerateError,), interrupted="interrupted")
+    return run_main(build_parser(), run, argv, interrupted="interrupted")
 
 
 if __name__ == "__main__":

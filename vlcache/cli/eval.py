@@ -26,8 +26,16 @@ from pathlib import Path
 from typing import Any
 
 from vlcache.atomic import check_output_dir
-from vlcache.cli import Parser, parse_budgets, run_main
-from vlcache.eval import EvalError
+from vlcache.cli import (
+    DEFAULT_MAX_TOKENS,
+    Parser,
+    UserError,
+    add_max_tokens_flag,
+    add_output_flags,
+    method_names,
+    parse_budgets,
+    run_main,
+)
 
 PROG = "vlcache-eval"
 DEFAULT_METHODS = "full,vlcache,tgvkv,snapkv,h2o,pyramidkv,streaming,random"
@@ -59,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--methods",
+        type=method_names,
         default=DEFAULT_METHODS,
         help="comma-separated compression methods; 'full' (budget 1.0) is always run once as the reference",
     )
@@ -75,11 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the digits / passkey samples and of 'random'")
     p.add_argument("--split", default="test", choices=("train", "val", "test"), help="digits split")
-    p.add_argument(
-        "--max-new-tokens",
-        type=int,
+    add_max_tokens_flag(
+        p,
         default=None,
-        help="tokens generated greedily per answer; None: the task's (4; passkey 7)",
+        help="tokens generated greedily per answer; None: the task's answer length (digits and JSONL 4, passkey 7), "
+        f"not the {DEFAULT_MAX_TOKENS} of vlcache-generate: the answers scored here are a word or a number, and "
+        "tokens past the answer only cost time",
     )
     p.add_argument(
         "--followup",
@@ -93,14 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help='metric of JSONL lines without a "metric" key; None: vqa. digits always uses exact match',
     )
-    p.add_argument(
-        "--out",
-        type=Path,
-        required=True,
-        default=argparse.SUPPRESS,
-        help="output folder (absent or empty unless --force)",
-    )
-    p.add_argument("--force", action="store_true", help="replace a non-empty --out folder once the run completes")
+    add_output_flags(p, "folder for results.json, results.csv and accuracy.png (default: out/eval/<task>)")
     p.add_argument("--device", default="cpu", help="torch device for the model, e.g. cpu or cuda")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="model dtype")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -108,29 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_methods(text: str) -> list[str]:
-    """Comma-separated method names, checked against ``vlcache.methods.available()``."""
-    from vlcache.methods import available
-
-    methods = list(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
-    if not methods:
-        raise EvalError("--methods is empty")
-    known = available()
-    for m in methods:
-        if m not in known:
-            raise EvalError(f"unknown method {m!r}; known methods: {', '.join(known)}")
-    return methods
-
-
 def check_pairing(task: str, text_task: bool, model: str, text_model: bool) -> None:
-    """EvalError unless a text task runs on a text-only LM and an image task on a VLM."""
+    """UserError unless a text task runs on a text-only LM and an image task on a VLM."""
     if text_task and not text_model:
-        raise EvalError(
+        raise UserError(
             f"--task {task} is a text-only task: it needs a text-only causal LM (--model smollm2 or a local "
             f"causal-LM folder), not {model}"
         )
     if text_model and not text_task:
-        raise EvalError(
+        raise UserError(
             f"--model {model} is a text-only LM: --task {Path(task).name} needs a vision-language model "
             "(llava-tiny, llava-tiny-late or a local LLaVA folder); text tasks: passkey"
         )
@@ -145,32 +134,38 @@ def _versions() -> dict[str, str]:
     return {"vlcache": vlcache.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
+def default_out(task: str) -> Path:
+    """``out/eval/<task>``: ``digits``, ``passkey`` or a JSONL file's stem."""
+    return Path("out") / "eval" / Path(task).stem
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Evaluate, write the outputs and return the results.json content (raises EvalError)."""
+    """Evaluate, write the outputs and return the results.json content (raises UserError)."""
     if args.samples is not None and args.samples < 1:
-        raise EvalError(f"--samples must be >= 1, got {args.samples}")
-    if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        raise EvalError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+        raise UserError(f"--samples must be >= 1, got {args.samples}")
     if args.threads < 0:
-        raise EvalError(f"--threads must be >= 0, got {args.threads}")
-    methods = parse_methods(args.methods)
+        raise UserError(f"--threads must be >= 0, got {args.threads}")
+    methods: list[str] = args.methods
     try:
         budgets = parse_budgets(args.budgets)
     except ValueError as e:
-        raise EvalError(str(e)) from None
+        raise UserError(str(e)) from None
+    out: Path = args.out or default_out(args.task)
 
     from vlcache.eval.report import aggregate, format_table, write_outputs
 
-    check_output_dir(args.out, args.force, name="--out", error=EvalError)
+    check_output_dir(out, args.force)
     from vlcache.eval.datasets import load_task
 
     task = load_task(
         args.task, args.samples, split=args.split, seed=args.seed, metric=args.metric, followup=args.followup
     )
-    max_new_tokens = task.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens
-    from vlcache.eval.models import is_text_model, load_model
+    max_new_tokens = task.max_new_tokens if args.max_tokens is None else args.max_tokens
+    from vlcache.hf.causal_lm import is_text_model, load_causal_lm
+    from vlcache.hf.loading import load_model
 
-    check_pairing(task.name, task.text_only, args.model, is_text_model(args.model))
+    text_model = is_text_model(args.model)
+    check_pairing(task.name, task.text_only, args.model, text_model)
 
     import torch
     from tqdm import tqdm
@@ -181,7 +176,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     t_load = time.perf_counter()
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    loaded = (load_causal_lm if text_model else load_model)(args.model, device=args.device, dtype=args.dtype)
     load_seconds = time.perf_counter() - t_load
     configs = make_configs(methods, budgets, seed=args.seed)
     pairs = [(c.method, c.budget) for c in configs]
@@ -220,7 +215,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     )
             except ValueError as e:  # transformers / vlcache refusing these inputs (e.g. processor ≠ model)
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise EvalError(f"the model rejected sample {sample.index} of {task.name}: {first}") from None
+                raise UserError(f"the model rejected sample {sample.index} of {task.name}: {first}") from None
             bar.update(len(configs))
             records += recs
             entry: dict[str, Any] = {
@@ -278,15 +273,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         timing += f"{seconds / (n * len(configs)):.3f} s per sample x config"
     print(timing, file=sys.stderr)
-    write_outputs(args.out, results, title=title, force=args.force)
-    print(f"wrote {args.out}/results.json, results.csv, accuracy.png")
-    print(json.dumps({"results": rows, "n": n, "mode": mode, "out": str(args.out)}))
+    write_outputs(out, results, title=title, force=args.force)
+    print(f"wrote {out}/results.json, results.csv, accuracy.png")
+    print(json.dumps({"results": rows, "n": n, "mode": mode, "out": str(out)}))
     return results
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; ``argv`` defaults to ``sys.argv[1:]``. Returns 0 or exits with a one-line error."""
-    return run_main(build_parser(), run, argv, (EvalError,))
+    return run_main(build_parser(), run, argv)
 
 
 if __name__ == "__main__":
