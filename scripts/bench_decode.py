@@ -3,12 +3,12 @@
 What it measures, on a Llama-shaped language model with random weights (``transformers.LlamaConfig``,
 sdpa attention, one sequence, a prompt of random token ids):
 
-* **Decode latency** (median ms per generated token, greedy) with the full cache (method ``full``,
-  the unmodified model) and after compressing the prompt's KV cache to each budget α with
-  ``vlcache.hf.session.VLCache``. All configurations of one context are decoded side by side:
-  step by step in round-robin order, so CPU noise from other processes hits them alike (a method with a
-  decode-time policy, TGV-KV, decodes right after its own prefill instead: the policy lives only as long
-  as the session's ``apply`` context).
+* **Decode latency** (median ms per generated token, greedy) with the full cache (method ``full``:
+  no scoring, no eviction) and after compressing the prompt's KV cache to each budget α, every
+  configuration through the token stream ``vlcache.hf.stream`` (the one greedy loop of
+  ``vlcache.generate`` and the served engines). All configurations of one context are decoded side
+  by side: step by step in round-robin order, so CPU noise from other processes hits them alike (a
+  decode-time policy, TGV-KV, lives in its own stream and acts on its own cache only).
 * **Speedup** = full ms/token ÷ compressed ms/token, next to the **bytes-model ideal**
   ``(W + KV) / (W + α·KV)``: W = parameter bytes of the model, KV = full prompt-cache bytes
   (decode on a CPU streams the weights and the cache once per token). ``%ideal`` = measured / ideal.
@@ -16,9 +16,9 @@ sdpa attention, one sequence, a prompt of random token ids):
   every step), so the cache is moved about three times per token and the measured speedup can exceed
   this ideal; the JSON also carries ``ideal_3kv`` = ``(W + 3·KV) / (W + 3·α·KV)``.
 * **KV bytes** before / after compaction and the kept fraction Σk_l / (L·m) vs α.
-* **Prefill time** without scoring (plain model, no session) and with scoring (inside the session,
-  α < 1), median of ``--prefill-repeats`` runs, and the scoring overhead
-  ``(with − without) / without``; plus the session's own ``scoring_seconds``.
+* **Prefill time** without scoring (method ``full``) and with scoring (α < 1): opening the stream
+  and taking its first token, median of ``--prefill-repeats`` runs, and the scoring overhead
+  ``(with − without) / without``; plus the stats' own ``scoring_seconds``.
 
 Default model: hidden 1024, 8 layers, 16 heads with 16 KV heads (MHA, like LLaVA-1.5's Vicuna-7B),
 MLP 2816, vocab 32000 (tied), fp32: W ≈ 517 MiB and KV = 64 KiB per token, so the cache equals the
@@ -51,13 +51,13 @@ from typing import Any
 import torch
 import transformers
 from _timing import median_ms, round_robin
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from vlcache.cli import parse_budgets
 from vlcache.config import DTYPES, CompressionConfig, settings_read_by
-from vlcache.hf.adapter import cache_nbytes
-from vlcache.hf.session import CompressionStats, VLCache
-from vlcache.methods import Method
+from vlcache.hf.generation import TorchDecoder, stream
+from vlcache.pipeline import CompressionStats
+from vlcache.stream import TokenStream
 
 # Settings that --quick changes; an explicit flag always wins.
 # One thread for --quick: on a shared 2-core machine two OpenMP threads competing with another busy
@@ -203,72 +203,44 @@ def model_info(model: LlamaForCausalLM, args: argparse.Namespace) -> dict[str, A
 # --- one configuration -----------------------------------------------------------------------
 @dataclass
 class Run:
-    """One (context, budget) configuration: its session (None for the full cache) and measurements."""
+    """One (context, budget) configuration: its compression config (method ``full`` for the full
+    cache), its token stream once prefilled, and measurements."""
 
     budget: float
-    session: VLCache | None
+    config: CompressionConfig
     prefill_s: list[float] = field(default_factory=list)
     scoring_s: list[float] = field(default_factory=list)
     decode_s: list[float] = field(default_factory=list)
-    cache: DynamicCache | None = None
-    token: torch.Tensor | None = None
+    tokens: TokenStream | None = None
     stats: CompressionStats | None = None
-    kv_bytes: int = 0
+
+    @property
+    def scored(self) -> bool:
+        return self.config.method != "full"
 
 
-def prefill(model: LlamaForCausalLM, ids: torch.Tensor) -> tuple[DynamicCache, torch.Tensor, float]:
-    """One prefill into a fresh cache; returns the cache, the greedy next token (1, 1) and seconds."""
-    cache = DynamicCache(config=model.config)
+def timed_prefill(model: LlamaForCausalLM, run: Run, ids: torch.Tensor, keep: bool, steps: int) -> None:
+    """Open the configuration's token stream (prefill, scoring and compaction) and take its first
+    token (timed); keep the stream for decoding if asked, else close it (its cache is freed)."""
     t0 = time.perf_counter()
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    token = out.logits[:, -1].argmax(-1, keepdim=True)
-    return cache, token, time.perf_counter() - t0
-
-
-def has_decode_policy(run: Run) -> bool:
-    """True when the method evicts during decode (TGV-KV): its policy lives in one ``apply`` context."""
-    return run.session is not None and type(run.session.method).decode_policy is not Method.decode_policy
-
-
-def timed_prefill(
-    model: LlamaForCausalLM, run: Run, ids: torch.Tensor, keep: bool, then_decode: tuple[int, int] | None = None
-) -> None:
-    """Prefill (timed) and keep the cache if asked; ``then_decode=(warmup, steps)`` also decodes inside
-    the same session, for methods whose decode policy does not outlive the session's context."""
-    if run.session is None:
-        cache, token, seconds = prefill(model, ids)
-    else:
-        with run.session.apply(model):
-            cache, token, seconds = prefill(model, ids)
-            run.stats = run.session.stats
-            assert run.stats is not None, "the session recorded no prefill"
-            run.scoring_s.append(run.stats.scoring_seconds)
-            if then_decode is not None:
-                run.cache, run.token = cache, token
-                warmup, steps = then_decode
-                m = ids.shape[1]
-                run.decode_s += round_robin({0: lambda t: decode_step(model, run, m + t)}, steps, warmup)[0]
-    run.prefill_s.append(seconds)
-    if keep and then_decode is None:
-        run.cache, run.token = cache, token
+    tokens = stream(model, {"input_ids": ids}, run.config, max_new_tokens=steps + 1, eos_token_id=())
+    next(tokens)
+    run.prefill_s.append(time.perf_counter() - t0)
+    assert tokens.stats is not None, "the session recorded no prefill"
+    run.stats = tokens.stats
+    run.scoring_s.append(tokens.stats.scoring_seconds)
     if keep:
-        run.kv_bytes = run.stats.kv_bytes_after if run.stats is not None else cache_nbytes(cache)
+        run.tokens = tokens
+    else:
+        tokens.close()
 
 
-def decode_step(model: LlamaForCausalLM, run: Run, position: int) -> float:
-    """One greedy step with explicit RoPE positions (they keep counting from m after eviction)."""
-    pos = torch.tensor([[position]], dtype=torch.long)
-    t0 = time.perf_counter()
-    out = model(input_ids=run.token, past_key_values=run.cache, position_ids=pos, use_cache=True, logits_to_keep=1)
-    run.token = out.logits[:, -1].argmax(-1, keepdim=True)
-    return time.perf_counter() - t0
-
-
-def decode_round(model: LlamaForCausalLM, run: Run, position: int) -> float:
-    if run.session is None:
-        return decode_step(model, run, position)
-    with run.session.apply(model):  # the ragged attention is installed only inside the session
-        return decode_step(model, run, position)
+def decode_step(run: Run) -> float:
+    """One greedy step of the token stream (explicit RoPE positions: they keep counting from m after
+    eviction); returns the seconds the stream measured for feeding the token."""
+    assert run.tokens is not None
+    next(run.tokens)
+    return run.tokens.step_seconds[-1]
 
 
 # --- one context -----------------------------------------------------------------------------
@@ -276,61 +248,61 @@ def bench_context(model: LlamaForCausalLM, args: argparse.Namespace, m: int, wei
     gen = torch.Generator().manual_seed(args.seed + m)
     ids = torch.randint(0, model.config.vocab_size, (1, m), generator=gen)
     qw = args.query_window or None
-    runs = [Run(1.0, None)] + [
-        Run(b, VLCache(CompressionConfig.create(args.method, b, **settings_read_by(args.method, {"query_window": qw}))))
+    runs = [Run(1.0, CompressionConfig(method="full", budget=1.0))] + [
+        Run(b, CompressionConfig.create(args.method, b, **settings_read_by(args.method, {"query_window": qw})))
         for b in args.budgets
     ]
-    # Prefill: interleaved rounds (plain, then each budget); the last round's caches are decoded.
-    # A method with a decode policy decodes right after its last prefill, inside the same session.
+    steps = args.warmup + args.decode_steps
+    # Prefill: interleaved rounds (full, then each budget); the last round's streams are decoded.
     last = args.prefill_repeats - 1
     for r in range(args.prefill_repeats):
         for run in runs:
-            inline = (args.warmup, args.decode_steps) if r == last and has_decode_policy(run) else None
-            timed_prefill(model, run, ids, keep=r == last, then_decode=inline)
+            timed_prefill(model, run, ids, keep=r == last, steps=steps)
             gc.collect()
-    # Decode: the other configurations side by side, one step each per round.
-    side_by_side = [run for run in runs if not has_decode_policy(run)]
-    decoders = {i: (lambda t, run=run: decode_round(model, run, m + t)) for i, run in enumerate(side_by_side)}
+    # Decode: every configuration side by side, one step each per round (a decode policy, TGV-KV,
+    # lives in its stream's session and acts on its own cache only).
+    decoders = {i: (lambda t, run=run: decode_step(run)) for i, run in enumerate(runs)}
     for i, seconds in round_robin(decoders, args.decode_steps, args.warmup).items():
-        side_by_side[i].decode_s += seconds
-    steps = args.warmup + args.decode_steps
+        runs[i].decode_s += seconds
     for run in runs:  # generated tokens are appended; only a decode policy evicts
-        lengths = [layer.keys.shape[2] for layer in run.cache.layers]
-        expected = run.stats.kept_per_layer if run.stats is not None else [m] * len(lengths)
-        evicted = run.stats.decode_evictions if run.stats is not None else 0
+        assert run.tokens is not None and run.stats is not None
+        decoder = run.tokens.decoder
+        assert isinstance(decoder, TorchDecoder)
+        lengths = [layer.keys.shape[2] for layer in decoder.cache.layers]
+        expected = run.stats.kept_per_layer
+        evicted = run.stats.decode_evictions
         if evicted:
             assert sum(lengths) == sum(expected) + steps * len(lengths) - evicted, "decode evictions miscounted"
         else:
             assert lengths == [k + steps for k in expected], f"cache lengths {lengths} != kept + {steps}"
 
     full = runs[0]
-    kv_full = full.kv_bytes
+    assert full.stats is not None
+    kv_full = full.stats.kv_bytes_before
     full_ms, plain_ms = median_ms(full.decode_s), median_ms(full.prefill_s)
     rows = []
     for run in runs:
-        kept_fraction = run.stats.kept_fraction if run.stats is not None else 1.0
-        kv_after = run.stats.kv_bytes_after if run.stats is not None else kv_full
-        if run.stats is not None:
-            assert run.stats.kv_bytes_before == kv_full, "full-cache bytes differ between plain and session prefill"
+        stats = run.stats
+        assert stats is not None
+        assert stats.kv_bytes_before == kv_full, "full-cache bytes differ between configurations"
+        kv_after = stats.kv_bytes_after
         decode_ms = median_ms(run.decode_s)
         speedup = full_ms / decode_ms
         ideal = (weight_bytes + kv_full) / (weight_bytes + run.budget * kv_full)
-        scored = run.session is not None
+        scored = run.scored
         prefill_scoring_ms = median_ms(run.prefill_s) if scored else None
         rows.append(
             {
                 "context": m,
-                "method": run.session.config.method if scored else "full",
+                "method": run.config.method,
                 "budget": run.budget,
                 "kv_bytes_full": kv_full,
                 "kv_bytes": kv_after,
                 "kv_mb": kv_after / 2**20,
                 "kv_ratio": kv_after / kv_full,
-                "kept_fraction": kept_fraction,
-                "kept_rel_err": kept_fraction / run.budget - 1.0,
-                "kept_per_layer": run.stats.kept_per_layer
-                if run.stats is not None
-                else [m] * model.config.num_hidden_layers,
+                "kept_fraction": stats.kept_fraction,
+                "kept_rel_err": stats.kept_fraction / run.budget - 1.0,
+                "kept_per_layer": stats.kept_per_layer,
                 "decode_ms": decode_ms,
                 "decode_ms_min": 1e3 * min(run.decode_s),
                 "decode_ms_all": [round(1e3 * s, 3) for s in run.decode_s],
@@ -345,31 +317,34 @@ def bench_context(model: LlamaForCausalLM, args: argparse.Namespace, m: int, wei
                 "prefill_scoring_ms_all": [round(1e3 * s, 1) for s in run.prefill_s] if scored else None,
                 "overhead_pct": 100.0 * (prefill_scoring_ms - plain_ms) / plain_ms if scored else None,
                 "scoring_ms": median_ms(run.scoring_s) if scored else None,
-                "decode_evictions": run.stats.decode_evictions if run.stats is not None else 0,
-                "decoded_in_session": has_decode_policy(run),
+                "decode_evictions": stats.decode_evictions,
                 "scoring_pct_of_prefill": 100.0 * median_ms(run.scoring_s) / plain_ms if scored else None,
             }
         )
     for run in runs:  # free this context's caches before the next one
-        run.cache = run.token = None
+        if run.tokens is not None:
+            run.tokens.close()
+        run.tokens = None
     gc.collect()
     return rows
 
 
 def warm_up(model: LlamaForCausalLM, args: argparse.Namespace) -> None:
-    """Untimed: a short prompt through the plain model and a session, a few decode steps each."""
+    """Untimed: a short prompt through the full cache and the first budget, a few decode steps each."""
     m = min(256, min(args.contexts))
     ids = torch.randint(0, model.config.vocab_size, (1, m), generator=torch.Generator().manual_seed(args.seed))
     qw = args.query_window or None
     config = CompressionConfig.create(
         args.method, args.budgets[0], **settings_read_by(args.method, {"query_window": qw})
     )
-    runs = [Run(1.0, None), Run(args.budgets[0], VLCache(config))]
+    runs = [Run(1.0, CompressionConfig(method="full", budget=1.0)), Run(args.budgets[0], config)]
     for _ in range(1 if args.quick else 2):
         for run in runs:
-            timed_prefill(model, run, ids, keep=True)
-            for t in range(3):
-                decode_round(model, run, m + t)
+            timed_prefill(model, run, ids, keep=True, steps=3)
+            for _step in range(3):
+                decode_step(run)
+            assert run.tokens is not None
+            run.tokens.close()
     del runs
     gc.collect()
 
@@ -450,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
             for r in rows[1:]:
                 print(
                     f"  α = {r['budget']:g}: kept {r['kept_fraction']:.5f} ({100 * r['kept_rel_err']:+.3f}% of α), "
-                    f"scoring {r['scoring_ms']:.1f} ms in session stats",
+                    f"scoring {r['scoring_ms']:.1f} ms in the stats",
                     flush=True,
                 )
     print()
@@ -458,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\nideal = (W + KV) / (W + α·KV); speedup = full decode ms ÷ compressed decode ms (medians); "
         f"overhead% = (prefill_scoring − prefill) / prefill; "
-        f"scoring% = the session's own scoring_seconds / prefill (less sensitive to CPU noise). Total wall time {time.perf_counter() - t_start:.1f} s.",
+        f"scoring% = the stats' scoring_seconds / prefill (less sensitive to CPU noise). Total wall time {time.perf_counter() - t_start:.1f} s.",
         flush=True,
     )
     sys.stdout.write(json.dumps({"model": info, "results": results}) + "\n")

@@ -5,15 +5,18 @@ What it measures, in one process, on one ``LlavaForConditionalGeneration`` with 
 (Llama-shaped language model, a small CLIP tower; fp32) and one prompt laid out as
 ``[bos] [text prefix] [image tokens] [question]`` of ``--context`` tokens:
 
-* **torch**: the transformers model with ``vlcache.VLCache(...).apply(model)`` (the torch backend of
-  ``vlcache.generate``): prefill with scoring and compaction, then greedy decode with explicit
-  positions on the session's compacted ``DynamicCache``.
+* **torch**: the transformers model through ``vlcache.hf.stream`` (the torch backend of
+  ``vlcache.generate``: a ``vlcache.VLCache`` session's hooks score and compact during prefill, then
+  greedy decode with explicit positions on the session's compacted ``DynamicCache``).
 * **onnx-fused**: the graphs of ``vlcache.export.export_llava(attention="fused")`` (the default:
   ONNX Runtime's ``com.microsoft.GroupQueryAttention``, KV buffers preallocated per request and
   written in place), run by ``vlcache.runtime.OnnxRunner`` (ONNX Runtime, CPU) through
-  ``vlcache.runtime.prefill`` and ``GenerationState.step`` — the loop ``vlcache.runtime.generate`` uses.
+  ``vlcache.runtime.stream`` — the loop ``vlcache.runtime.generate`` uses.
 * **onnx-standard**: the same with ``attention="standard"`` (standard ops: Concat-appended KV,
   MatMul→Softmax→MatMul; what TensorRT builds from).
+
+Every backend runs the same compression pipeline (``vlcache.pipeline``) and the same token stream
+(``vlcache.stream.TokenStream``); a decode step is timed by the stream (feeding one token).
 
 For each budget α (method ``vlcache``; α = 1.0 scores but keeps everything) every backend prefills
 the same prompt (``--prefill-repeats`` times, alternating, median reported), then they decode **side
@@ -36,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import inspect
 import json
 import platform
 import statistics
@@ -48,11 +50,12 @@ from typing import Any
 import torch
 import transformers
 from _timing import median_ms, round_robin
-from transformers import CLIPVisionConfig, DynamicCache, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from vlcache.cli import parse_budgets
 from vlcache.config import CompressionConfig
-from vlcache.hf.session import VLCache
+from vlcache.hf.generation import stream as hf_stream
+from vlcache.stream import TokenStream
 
 FULL_RUN = {
     "context": 2048,
@@ -188,76 +191,39 @@ def build_inputs(model: LlavaForConditionalGeneration, args: argparse.Namespace)
     }
 
 
-class TorchRun:
-    """The torch backend for one budget: a VLCache session, its cache, the next token and position."""
+class Run:
+    """One backend for one budget: its token stream (prefilled and compressed on construction)."""
 
-    def __init__(
-        self, model: LlavaForConditionalGeneration, inputs: dict[str, torch.Tensor], cfg: CompressionConfig
-    ) -> None:
-        self.model = model
-        self.session = VLCache(cfg)
-        self.context = self.session.apply(model)
-        self.context.__enter__()
-        self.cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        self.cache = DynamicCache(config=model.config.text_config)
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            out = model(**inputs, use_cache=True, logits_to_keep=1, **{self.cache_kw: self.cache})
-        total = time.perf_counter() - t0
-        stats = self.session.stats
-        assert stats is not None
-        self.scoring = stats.scoring_seconds
-        self.prefill = total - self.scoring
-        self.kv_before, self.kv_after = stats.kv_bytes_before, stats.kv_bytes_after
-        self.kv_reserved = stats.kv_bytes_after  # a DynamicCache holds exactly its entries
-        self.kept = stats.kept_per_layer
-        self.token = int(out.logits[0, -1].argmax())
-        self.position = inputs["input_ids"].shape[1]
-        self.tokens = [self.token]
-
-    def step(self, _round: int = 0) -> float:
-        """One greedy decode step; returns its seconds (the model call and the argmax)."""
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            out = self.model(
-                input_ids=torch.tensor([[self.token]]),
-                position_ids=torch.tensor([[self.position]]),
-                use_cache=True,
-                **{self.cache_kw: self.cache},
-            )
-        self.token = int(out.logits[0, -1].argmax())
-        seconds = time.perf_counter() - t0
-        self.position += 1
-        self.tokens.append(self.token)
-        return seconds
-
-    def close(self) -> None:
-        self.context.__exit__(None, None, None)
-
-
-class OnnxRun:
-    """The ONNX Runtime backend for one budget, through vlcache.runtime.prefill / GenerationState.step."""
-
-    def __init__(self, runner: Any, inputs: dict[str, torch.Tensor], cfg: CompressionConfig, total: int) -> None:
-        from vlcache.runtime import prefill
-
-        self.state = prefill(runner, inputs["input_ids"], inputs["pixel_values"], cfg, max_new_tokens=total)
-        s = self.state.stats
+    def __init__(self, tokens: TokenStream) -> None:
+        self.stream = tokens
+        s = tokens.stats
+        assert s is not None
         self.prefill, self.scoring = s.prefill_seconds, s.scoring_seconds
         self.kv_before, self.kv_after, self.kept = s.kv_bytes_before, s.kv_bytes_after, s.kept_per_layer
         self.kv_reserved = s.kv_bytes_reserved
-        self.token = self.state.greedy()
-        self.tokens = [self.token]
+        self.tokens = [next(tokens)]
 
     def step(self, _round: int = 0) -> float:
-        """One greedy decode step; returns the seconds GenerationState.step measured."""
-        self.state.step(self.token)
-        self.token = self.state.greedy()
-        self.tokens.append(self.token)
-        return self.state.step_seconds[-1]
+        """One greedy decode step; returns the seconds the token stream measured for it."""
+        self.tokens.append(next(self.stream))
+        return self.stream.step_seconds[-1]
 
     def close(self) -> None:
-        pass
+        self.stream.close()
+
+
+def torch_run(
+    model: LlavaForConditionalGeneration, inputs: dict[str, torch.Tensor], cfg: CompressionConfig, total: int
+) -> Run:
+    """The torch backend: ``vlcache.hf.stream`` (a VLCache session's hooks on the model, DynamicCache)."""
+    return Run(hf_stream(model, inputs, cfg, max_new_tokens=total, eos_token_id=()))
+
+
+def onnx_run(runner: Any, inputs: dict[str, torch.Tensor], cfg: CompressionConfig, total: int) -> Run:
+    """An ONNX Runtime backend: ``vlcache.runtime.stream``."""
+    from vlcache.runtime import stream
+
+    return Run(stream(runner, inputs["input_ids"], inputs["pixel_values"], cfg, max_new_tokens=total, eos_token_id=()))
 
 
 def _ratio(num: float, den: float) -> float:
@@ -304,14 +270,14 @@ def main(argv: list[str] | None = None) -> int:
             prefills: dict[str, list[float]] = {b: [] for b in backends}
             scorings: dict[str, list[float]] = {b: [] for b in backends}
             for repeat in range(args.prefill_repeats):  # alternating; the last set decodes
-                if "torch" in runs:
-                    runs["torch"].close()
+                for run in runs.values():
+                    run.close()
                 runs = {}
                 for backend in backends:
                     if backend == "torch":
-                        runs[backend] = TorchRun(model, inputs, cfg)
+                        runs[backend] = torch_run(model, inputs, cfg, total + 1)
                     else:
-                        runs[backend] = OnnxRun(runners[backend], inputs, cfg, total + 1)
+                        runs[backend] = onnx_run(runners[backend], inputs, cfg, total + 1)
                     prefills[backend].append(runs[backend].prefill)
                     scorings[backend].append(runs[backend].scoring)
                 line = ", ".join(f"{b} {runs[b].prefill:.2f} s" for b in backends)
@@ -319,8 +285,8 @@ def main(argv: list[str] | None = None) -> int:
             try:  # round-robin: noise hits every backend alike
                 decode = round_robin({name: run.step for name, run in runs.items()}, args.decode_steps, args.warmup)
             finally:
-                if "torch" in runs:
-                    runs["torch"].close()
+                for run in runs.values():
+                    run.close()
             for backend, run in runs.items():
                 results.append(
                     {

@@ -140,7 +140,7 @@ def write_random_tiny(out: Path) -> None:
     """llava-tiny's format and size (CLIP 4 × 128, Llama 4 × 128) with seeded random weights."""
     import torch
 
-    from vlcache.eval.tasks import IMAGE_SIZE, vocabulary
+    from vlcache.digits import IMAGE_SIZE, vocabulary
     from vlcache.hf.tiny import bundled_llava, bundled_processor
 
     torch.manual_seed(0)
@@ -194,44 +194,49 @@ def decode_check(
 
     from PIL import Image
 
-    from vlcache.runtime import prefill
+    from vlcache.runtime import stream
     from vlcache.serving import load_engine
 
     engine: Any = load_engine(artifact)
     image = Image.open(sorted(images.glob("*.png"))[0]).convert("RGB")
     batch = engine.tokenize(image, LONG_PROMPT)
-    states = {}
+    streams = {}
     for b in budgets:
         config = engine.default_config.with_changes(budget=b)
-        seq = prefill(
-            engine.runner, batch["input_ids"], batch.get("pixel_values"), config, max_new_tokens=steps + warmup + 1
+        tokens = stream(
+            engine.runner,
+            batch["input_ids"],
+            batch.get("pixel_values"),
+            config,
+            max_new_tokens=steps + warmup + 1,
+            eos_token_id=(),
         )
-        states[b] = [seq, seq.greedy()]
+        next(tokens)  # the first token comes from the prefill
+        streams[b] = tokens
         log(
-            f"decode check: prefilled budget {b:g} ({seq.stats.prefill_seconds:.1f} s + scoring {seq.stats.scoring_seconds:.2f} s)"
+            f"decode check: prefilled budget {b:g} ({tokens.stats.prefill_seconds:.1f} s + scoring {tokens.stats.scoring_seconds:.2f} s)"
         )
 
     def decode_step(b: float) -> float:
-        seq, token = states[b]
-        seq.step(token)
-        states[b][1] = seq.greedy()
-        return seq.step_seconds[-1]  # what GenerationState.step measured
+        next(streams[b])
+        return streams[b].step_seconds[-1]  # what the token stream measured for feeding the token
 
     times = round_robin({b: (lambda _t, b=b: decode_step(b)) for b in budgets}, steps, warmup)
     out = []
     for b in budgets:
-        seq = states[b][0]
+        stats = streams[b].stats
+        streams[b].close()
         out.append(
             {
                 "budget": b,
                 "decode_ms_median": median_ms(times[b]),
                 "decode_ms_p90": 1000 * statistics.quantiles(times[b], n=10)[-1],
                 "steps": steps,
-                "prefill_seconds": seq.stats.prefill_seconds,
-                "scoring_seconds": seq.stats.scoring_seconds,
-                "kv_bytes_before": seq.stats.kv_bytes_before,
-                "kv_bytes_after": seq.stats.kv_bytes_after,
-                "kept_per_layer": seq.stats.kept_per_layer,
+                "prefill_seconds": stats.prefill_seconds,
+                "scoring_seconds": stats.scoring_seconds,
+                "kv_bytes_before": stats.kv_bytes_before,
+                "kv_bytes_after": stats.kv_bytes_after,
+                "kept_per_layer": stats.kept_per_layer,
             }
         )
     return out

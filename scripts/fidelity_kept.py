@@ -32,7 +32,7 @@ def main() -> None:
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from vlcache import CompressionConfig, VLCache
-    from vlcache.eval.tasks import DigitScenes, cell_of_patch, format_prompt
+    from vlcache.digits import DigitScenes, cell_of_patch, format_prompt
     from vlcache.hf.loading import resolve_model
 
     path = resolve_model(args.model)

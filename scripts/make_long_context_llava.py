@@ -217,7 +217,7 @@ def write_images(folder: Path, count: int, size: int) -> list[str]:
     """``count`` PNG scenes of ``size``² pixels: grids of digits test scenes (deterministic)."""
     from PIL import Image
 
-    from vlcache.eval.tasks import DigitScenes
+    from vlcache.digits import DigitScenes
 
     scenes = DigitScenes("test", seed=0)
     tile = scenes[0].image.size[0]

@@ -445,9 +445,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("kvpress").setLevel(logging.ERROR)  # "LlavaForConditionalGeneration not tested"
     kvpress_version = version("kvpress")
 
+    from vlcache.digits import format_prompt, parse_answer
     from vlcache.eval.datasets import load_task
     from vlcache.eval.metrics import score
-    from vlcache.eval.tasks import format_prompt, parse_answer
 
     presses = [p.strip() for p in args.presses.split(",") if p.strip()]
     unknown = [p for p in presses if p not in PRESSES]

@@ -78,7 +78,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from vlcache.eval.tasks import ANSWER_PREFIX, CELL, IMAGE_SIZE, DigitScenes, cell_of_patch, format_prompt, vocabulary
+from vlcache.digits import ANSWER_PREFIX, CELL, IMAGE_SIZE, DigitScenes, cell_of_patch, format_prompt, vocabulary
 from vlcache.hf.tiny import PATCH, bundled_llava, bundled_processor
 
 

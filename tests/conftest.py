@@ -13,7 +13,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from vlcache.eval.tasks import IMAGE_SIZE, vocabulary  # noqa: E402
+from vlcache.digits import IMAGE_SIZE, vocabulary  # noqa: E402
 from vlcache.hf.tiny import bundled_llava, bundled_processor, tiny_llava, tiny_llava_next  # noqa: E402
 
 

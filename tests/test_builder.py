@@ -227,3 +227,18 @@ def test_bundled_profile_missing_model_says_how_to_fix(monkeypatch: pytest.Monke
     monkeypatch.setattr("vlcache.builder.source.bundled_path", lambda name: tmp_path / name)
     with pytest.raises(UserError, match=r"bundled model 'llava-tiny' not found .*train_tiny_llava.py"):
         resolve_source("llava-tiny")
+
+
+def test_tensorrt_engines_get_the_builds_threshold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the PostVisionStats kernel compiles p in; the build passes its VL-Cache threshold (none for others)
+    import vlcache_plugins.build as plugin_build
+    from vlcache.builder import build as build_mod
+
+    calls: list[dict] = []
+    monkeypatch.setattr(build_mod, "_export_onnx", lambda *a, **k: None)
+    monkeypatch.setattr(plugin_build, "build_engines", lambda *a, **k: calls.append(k))
+    for comp in (CompressionConfig.create("vlcache", 0.1, threshold=0.03), CompressionConfig.create("snapkv", 0.1)):
+        cfg = BuildConfig(backend="tensorrt", dtype="float16", compression=comp)
+        build_mod._build_engines(None, tmp_path / "engines", cfg, lambda msg: None)
+    assert calls[0]["threshold"] == 0.03 and calls[0]["dtype"] == "float16"
+    assert "threshold" not in calls[1]

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from vlcache.cli.eval import main
-from vlcache.eval.tasks import DigitScenes, format_prompt, parse_answer
+from vlcache.digits import DigitScenes, format_prompt, parse_answer
 from vlcache.hf.loading import bundled_path
 
 MODELS = ("llava-tiny", "llava-tiny-late")
@@ -59,7 +59,7 @@ def test_the_shipped_files_have_the_format_of_vlcache_hf_tiny(name: str) -> None
     both the digits task's prompt and ``image_prompt`` give the shipped processor the same text."""
     from transformers import AutoConfig, AutoProcessor
 
-    from vlcache.eval.tasks import IMAGE_SIZE, vocabulary
+    from vlcache.digits import IMAGE_SIZE, vocabulary
     from vlcache.hf.inputs import image_prompt
     from vlcache.hf.tiny import bundled_llava, bundled_processor
 
@@ -143,7 +143,7 @@ def question_attention_on_asked_cell(name: str, n: int = 24) -> list[float]:
     """Per decoder layer: the attention the question's tokens (the prompt after the image) put on
     the asked cell's 16 image tokens, as a share of what they put on all 256 image tokens; mean over
     heads, question positions and ``n`` test lookups. A uniform spread over the image gives 1/16."""
-    from vlcache.eval.tasks import cell_of_patch
+    from vlcache.digits import cell_of_patch
 
     model, processor = _load(name, attn="eager")
     image_id = model.config.image_token_index

@@ -269,8 +269,8 @@ def test_cli_followup(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFi
     # the full-cache follow-up equals greedy decoding of the whole dialogue from scratch
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+    from vlcache.digits import format_prompt
     from vlcache.eval.datasets import load_digits
-    from vlcache.eval.tasks import format_prompt
 
     processor = AutoProcessor.from_pretrained(checkpoint)
     model = LlavaForConditionalGeneration.from_pretrained(checkpoint).eval()
@@ -302,8 +302,8 @@ def test_cli_llava_next_with_chat_template(tmp_path: Path, capsys: pytest.Captur
         LlavaNextProcessor,
     )
 
+    from vlcache.digits import vocabulary
     from vlcache.eval.runner import build_prompt
-    from vlcache.eval.tasks import vocabulary
     from vlcache.hf.loading import load_model
     from vlcache.hf.tiny import bundled_tokenizer
 
@@ -356,7 +356,7 @@ def test_cli_llava_next_with_chat_template(tmp_path: Path, capsys: pytest.Captur
     assert loaded.model_type == "llava_next"
     assert build_prompt(loaded.processor, "how many 3 ?", "chat") == f"{IMAGE_TOKEN_TEXT} how many 3 ? ="
 
-    from vlcache.eval.tasks import DigitScenes
+    from vlcache.digits import DigitScenes
 
     scene = DigitScenes("test", 0)[0]
     scene.image.save(tmp_path / "scene.png")

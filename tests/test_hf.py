@@ -201,12 +201,20 @@ def test_memory_is_released(llava):
 
 
 def test_batch_larger_than_one_is_refused_but_full_works(llava):
+    """vlcache.generate (the token stream) takes one prompt; a session around model.generate takes a
+    batch with method full, and refuses it for a compressing method."""
     a, b = llava_inputs(llava, seed=9), llava_inputs(llava, seed=10)
     batch = {k: torch.cat([a[k], b[k]]) for k in a}
-    with pytest.raises(ValueError, match="one prompt at a time"):
-        vlcache.generate(llava, batch, CompressionConfig(budget=0.5), max_new_tokens=2)
-    r = vlcache.generate(llava, batch, CompressionConfig(method="full"), max_new_tokens=2)
-    assert r.sequences.shape[0] == 2
+    for method in ("vlcache", "full"):
+        with pytest.raises(ValueError, match="one prompt at a time"):
+            vlcache.generate(llava, batch, CompressionConfig(method=method), max_new_tokens=2)
+    with pytest.raises(ValueError, match="one prompt at a time"), torch.no_grad():
+        with VLCache(CompressionConfig(budget=0.5)).apply(llava):
+            llava.generate(**batch, max_new_tokens=2, do_sample=False)
+    session = VLCache(CompressionConfig(method="full"))
+    with session.apply(llava), torch.no_grad():
+        out = llava.generate(**batch, max_new_tokens=2, do_sample=False)
+    assert out.shape[0] == 2 and session.stats is not None and session.stats.kept_fraction == 1.0
 
 
 def test_padded_prompt_is_refused(llava):
@@ -271,6 +279,44 @@ def test_followup_on_compressed_cache_matches_oracle(llava, method):
         continue_greedy(llava, out.past_key_values, torch.zeros(1, 0, dtype=torch.long), 0, 1)
 
 
+def test_a_cancelled_torch_stream_frees_its_cache_and_leaves_no_hooks(llava):
+    """Closing vlcache.hf.stream mid-generation releases the compressed cache at once; the hooks
+    are only installed for each forward, so none is left on the model."""
+    import weakref
+
+    from vlcache.hf import stream
+
+    inputs = llava_inputs(llava, seed=14)
+    tokens = stream(llava, inputs, CompressionConfig(budget=0.2), max_new_tokens=20, eos_token_id=())
+    assert [next(tokens), next(tokens)]
+    cache = weakref.ref(tokens.decoder.cache)
+    keys = [weakref.ref(layer.keys) for layer in tokens.decoder.cache.layers]
+    assert cache() is not None and all(k() is not None for k in keys)
+    tokens.close()
+    assert tokens.finish_reason == "cancelled" and cache() is None and all(k() is None for k in keys)
+    assert tokens.stats is not None and tokens.stats.new_tokens == 2 and tokens.stats.backend == "torch"
+    stack = decoder_stack(llava)
+    assert stack.config._attn_implementation == "sdpa" and not stack.layers[0].self_attn._forward_hooks
+
+
+def test_streams_take_turns_on_one_model(llava):
+    """Token streams of several configs (TGV-KV's decode policy among them) interleaved step by step
+    on one model give what each gives alone: each forward runs in its own session."""
+    from vlcache.hf import stream
+
+    inputs = llava_inputs(llava, seed=15)
+    configs = [CompressionConfig.create("tgvkv", 0.2), CompressionConfig(budget=0.1), CompressionConfig(method="full")]
+    alone = [vlcache.generate(llava, inputs, c, max_new_tokens=7, eos_token_id=()) for c in configs]
+    streams = [stream(llava, inputs, c, max_new_tokens=7, eos_token_id=()) for c in configs]
+    together: list[list[int]] = [[] for _ in configs]
+    for _ in range(7):
+        for out, tokens in zip(together, streams):
+            out.append(next(tokens))
+    assert together == [r.new_tokens.tolist() for r in alone]
+    assert [t.stats.decode_evictions for t in streams] == [r.stats.decode_evictions for r in alone]
+    assert alone[0].stats.decode_evictions > 0
+
+
 def test_manual_decode_without_position_ids_gets_true_positions(llava):
     """A hand-written loop that passes no position_ids decodes like one that passes m + t."""
     from transformers import DynamicCache
@@ -298,7 +344,7 @@ def test_image_prompt_with_and_without_a_chat_template():
     question without a chat template (the digits task's format), the chat template when there is one."""
     import copy
 
-    from vlcache.eval.tasks import IMAGE_SIZE, format_prompt, vocabulary
+    from vlcache.digits import IMAGE_SIZE, format_prompt, vocabulary
     from vlcache.hf.inputs import has_chat_template, image_prompt, image_token_text
     from vlcache.hf.tiny import bundled_processor
     from vlcache.tokens import IMAGE_TOKEN_TEXT

@@ -15,7 +15,8 @@ HEAVY = ("torch", "transformers", "sklearn", "onnxruntime", "tritonclient")
     "modules",
     [
         ["vlcache"],
-        ["vlcache.client", "vlcache.client.stats"],
+        ["vlcache.client", "vlcache.client.stats", "vlcache.client.bench"],
+        ["vlcache.digits"],  # the scenes bench, generate and eval share: scikit-learn loads on first use
         ["vlcache.serving.protocol"],
         ["vlcache.errors", "vlcache.cli", "vlcache.cli.bench", "vlcache.cli.serve", "vlcache.cli.generate"],
     ],
@@ -40,3 +41,18 @@ def test_the_root_package_still_exposes_its_names_lazily() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["0.2", "VLCache", "True"]
+
+
+def test_without_scikit_learn_the_default_scenes_are_a_user_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vlcache import digits
+    from vlcache.client.bench import load_workload
+    from vlcache.errors import UserError
+
+    digits._digits.cache_clear()
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # import sklearn now raises ImportError
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    try:
+        with pytest.raises(UserError, match="need scikit-learn.*pass --images DIR"):
+            load_workload(None, None, 2)
+    finally:
+        digits._digits.cache_clear()

@@ -11,6 +11,7 @@ buffer per layer for the whole decode, sized by the budget, and per-row lengths 
 from __future__ import annotations
 
 import importlib.util
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +24,10 @@ from vlcache.config import settings_read_by
 from vlcache.core import allocate_budgets
 from vlcache.export import export_llava
 from vlcache.export.names import ATTENTION_VARIANTS
-from vlcache.hf.tiny import llava_inputs
-from vlcache.runtime import generate, load_runtime, prefill
+from vlcache.hf.tiny import llava_inputs, tiny_llava
+from vlcache.methods import available
+from vlcache.pipeline import CompressionStats
+from vlcache.runtime import generate, load_runtime, prefill, stream
 from vlcache.runtime.base import LayerKV
 
 NEW_TOKENS = 10
@@ -150,7 +153,7 @@ def test_llava_tiny_format_checkpoint_matches_torch(checkpoint, tmp_path_factory
     from PIL import Image
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from vlcache.eval.tasks import format_prompt
+    from vlcache.digits import format_prompt
 
     model = LlavaForConditionalGeneration.from_pretrained(checkpoint, attn_implementation="sdpa").eval()
     processor = AutoProcessor.from_pretrained(checkpoint)
@@ -168,6 +171,88 @@ def test_llava_tiny_format_checkpoint_matches_torch(checkpoint, tmp_path_factory
         assert res.stats.kept_per_layer == ref.stats.kept_per_layer
         assert res.logits is not None and ref.logits is not None
         np.testing.assert_allclose(res.logits[0], ref.logits[0][0].numpy(), atol=1e-4, rtol=1e-4)
+
+
+# --- every method, on a fresh random model ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def fresh(tmp_path_factory):
+    """A fresh random LLaVA (its own seed, 2 layers) exported in both decoder forms."""
+    model = tiny_llava(seed=11, layers=2)
+    runners = {}
+    for attention in ATTENTION_VARIANTS:
+        out = tmp_path_factory.mktemp(f"fresh-{attention}")
+        export_llava(model, out, max_input_len=128, attention=attention)
+        runners[attention] = load_runtime(out, backend="onnx", threads=1)
+    return model, runners
+
+
+#: what legitimately differs between two backends' stats dicts: the timings, the backend's name, and
+#: the bytes reserved (the fused runner's buffers keep room for the decode); the layer weights are
+#: floats computed by two runtimes (compared to 1e-5)
+BACKEND_SPECIFIC = {*CompressionStats.TIMINGS, "backend", "kv_bytes_reserved", "layer_weights"}
+
+
+@pytest.mark.parametrize("method", available())
+def test_every_method_keeps_generates_and_reports_the_same_on_torch_and_onnx(fresh, method):
+    """For every registered method at several budgets: the torch backend and both ONNX Runtime
+    decoders keep the same indices in every layer, generate the same greedy tokens and report the
+    same stats dict apart from timings."""
+    model, runners = fresh
+    for n, budget in enumerate((0.05, 0.2, 0.5)):
+        inputs = llava_inputs(model, question_len=9 + 4 * n, seed=200 + n)
+        cfg = CompressionConfig.create(method, budget, **settings_read_by(method, {"window": 6}))
+        ref = vlcache.generate(model, inputs, cfg, max_new_tokens=6, eos_token_id=())
+        ref_stats = ref.stats.to_dict()
+        assert ref.kept_indices is not None
+        for attention, runner in runners.items():
+            res = generate(runner, inputs["input_ids"], inputs["pixel_values"], cfg, max_new_tokens=6, eos_token_id=())
+            where = f"{method} at {budget} ({attention})"
+            assert res.tokens == ref.new_tokens.tolist(), where
+            for layer, (ours, theirs) in enumerate(zip(res.kept_indices, ref.kept_indices, strict=True)):
+                assert (ours is None) == (theirs is None), (where, layer)
+                assert ours is None or torch.equal(ours, theirs), (where, layer)
+            assert (res.budgets is None) == (ref.budgets is None)
+            assert res.budgets is None or torch.equal(res.budgets, ref.budgets)
+            stats = res.stats.to_dict()
+            assert stats.keys() == ref_stats.keys()
+            assert {k: v for k, v in stats.items() if k not in BACKEND_SPECIFIC} == {
+                k: v for k, v in ref_stats.items() if k not in BACKEND_SPECIFIC
+            }, where
+            assert stats["backend"] == "onnx" and ref_stats["backend"] == "torch"
+            np.testing.assert_allclose(
+                np.array(stats["layer_weights"], dtype=float),
+                np.array(ref_stats["layer_weights"], dtype=float),
+                atol=1e-5,
+            )
+            reserved = stats["kv_bytes_after"]
+            if runner.fused:  # room for the 6 new tokens in every compacted layer, m + 6 in the others
+                per_token = stats["kv_bytes_after"] // sum(stats["kept_per_layer"])
+                reserved = sum(k + 6 for k in stats["kept_per_layer"]) * per_token
+            assert (
+                stats["kv_bytes_reserved"] == reserved and ref_stats["kv_bytes_reserved"] == ref_stats["kv_bytes_after"]
+            )
+            assert stats["new_tokens"] == ref_stats["new_tokens"] == 6
+
+
+def test_a_cancelled_stream_frees_its_buffers(llava, fused_runner):
+    """Closing a runner's token stream mid-generation is cancelling it: the per-layer KV buffers are
+    released at once (nothing else holds them), the stats stay."""
+    inputs = llava_inputs(llava, question_len=10, seed=61)
+    tokens = stream(
+        fused_runner, inputs["input_ids"], inputs["pixel_values"], CompressionConfig(budget=0.2), max_new_tokens=20
+    )
+    assert [next(tokens), next(tokens)]
+    buffers = [weakref.ref(a) for kv in tokens.decoder.cache for a in (kv.keys, kv.values)]
+    assert all(ref() is not None for ref in buffers)
+    tokens.close()
+    assert tokens.finish_reason == "cancelled" and tokens.decoder is None
+    assert all(ref() is None for ref in buffers)
+    assert tokens.stats is not None and tokens.stats.new_tokens == 2 and len(tokens.tokens) == 2
+    assert next(tokens, None) is None
+    with stream(fused_runner, inputs["input_ids"], inputs["pixel_values"], max_new_tokens=20) as tokens:
+        next(tokens)
+        buffers = [weakref.ref(kv.keys) for kv in tokens.decoder.cache]
+    assert all(ref() is None for ref in buffers) and tokens.finish_reason == "cancelled"
 
 
 # --- the fused runner's KV buffers -------------------------------------------------------------------

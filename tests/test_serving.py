@@ -180,14 +180,14 @@ def engine(artifact: Path):
 
 
 def _scene():
-    from vlcache.eval.tasks import DigitScenes
+    from vlcache.digits import DigitScenes
 
     return DigitScenes("test", seed=0).sample(0)
 
 
 def test_engine_streams_the_offline_text_and_reports_stats(engine, checkpoint: Path):
     import vlcache
-    from vlcache.eval.tasks import format_prompt
+    from vlcache.digits import format_prompt
     from vlcache.hf.loading import load_model
 
     sample = _scene()

@@ -75,7 +75,7 @@ def backend_client(request: pytest.FixtureRequest):
 
 @pytest.fixture(scope="module")
 def samples():
-    from vlcache.eval.tasks import DigitScenes
+    from vlcache.digits import DigitScenes
 
     scenes = DigitScenes("test", seed=0)
     return [scenes[i] for i in range(4)]
@@ -83,7 +83,7 @@ def samples():
 
 def _offline_text(checkpoint: Path, sample, budget: float, max_tokens: int) -> str:
     import vlcache
-    from vlcache.eval.tasks import format_prompt
+    from vlcache.digits import format_prompt
     from vlcache.hf.loading import load_model
 
     loaded = load_model(str(checkpoint))

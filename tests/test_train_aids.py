@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vlcache.eval.tasks import IMAGE_SIZE, DigitScenes, vocabulary
+from vlcache.digits import IMAGE_SIZE, DigitScenes, vocabulary
 from vlcache.hf.tiny import bundled_processor
 from vlcache.tokens import IMAGE_TOKEN_TEXT
 

@@ -28,14 +28,15 @@ _LAZY = {
     "allocate_budgets": "vlcache.core",
     "VLCache": "vlcache.hf",
     "generate": "vlcache.hf",
-    "CompressionStats": "vlcache.hf",
+    "CompressionStats": "vlcache.pipeline",
     "GenerationResult": "vlcache.hf",
 }
 
 if TYPE_CHECKING:
     from vlcache.config import CompressionConfig
     from vlcache.core import allocate_budgets
-    from vlcache.hf import CompressionStats, GenerationResult, VLCache, generate
+    from vlcache.hf import GenerationResult, VLCache, generate
+    from vlcache.pipeline import CompressionStats
 
 
 def __getattr__(name: str) -> Any:

@@ -1,7 +1,7 @@
 """Token texts of the model format that every layer shares: framework-free, one source of truth.
 
 Imported by the HF adapter (:mod:`vlcache.hf`: prompts, the tiny models' tokenizer), the digits task
-(:mod:`vlcache.eval.tasks`), the serving engines and the scripts that write checkpoints, so it
+(:mod:`vlcache.digits`), the serving engines and the scripts that write checkpoints, so it
 imports nothing (no torch, no transformers).
 """
 

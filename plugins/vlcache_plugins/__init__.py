@@ -10,6 +10,9 @@ TensorRT; the name you use pulls in what it needs):
 * :func:`register_tensorrt_plugins` — registers the plugins with TensorRT
   (``vlcache_plugins.tensorrt_plugins``; needs TensorRT ≥ 10.9 and a GPU host; never run yet).
 * ``vlcache_plugins.aot`` — compiles the kernels to PTX for a given GPU architecture.
+* ``vlcache_plugins.build`` — the engines of an export directory (``build_engines``; never run).
+* :class:`InterpretedEngine` — a CPU stand-in for a plugin engine: the rewritten graph with its
+  plugin nodes launching the kernels (``vlcache_plugins.standin``; needs ``onnx`` and ``triton``).
 
 Contracts of the ops: :mod:`vlcache.export.names`; reference semantics: :mod:`vlcache.core`.
 """
@@ -27,6 +30,7 @@ _EXPORTS = {
     "PLUGIN_DOMAIN": "vlcache_plugins.graph",
     "register_tensorrt_plugins": "vlcache_plugins.tensorrt_plugins",
     "TensorRTUnavailableError": "vlcache_plugins.tensorrt_plugins",
+    "InterpretedEngine": "vlcache_plugins.standin",
 }
 
 __all__ = sorted(_EXPORTS)

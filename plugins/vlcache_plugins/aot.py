@@ -21,6 +21,15 @@ from typing import Any
 #: Triton type names of the tensor dtypes the plugins accept.
 TRITON_DTYPES = ("fp32", "fp16", "bf16")
 MAX_SHARED_MEM = 48 * 1024
+#: kept rows per program of the CompactKV kernel in the plugin (the grid's second dimension is cdiv(k, 32))
+COMPACT_BLOCK_K = 32
+
+
+def post_vision_blocks(dtype: str) -> tuple[int, int]:
+    """(BLOCK_Q, BLOCK_N) of the PostVisionStats kernel in the plugin: 32 × 64 for float32 (shared
+    memory), 64 × 64 for 16-bit inputs. The CPU stand-in engine (:mod:`vlcache_plugins.standin`)
+    launches with the same tiles."""
+    return (32 if dtype == "fp32" else 64), 64
 
 
 @dataclass(frozen=True)
@@ -137,8 +146,9 @@ def compile_post_vision_stats(
     _check_dtype(dtype)
     if not 0.0 <= threshold < 1.0 or not scale > 0.0 or head_dim < 1:
         raise ValueError(f"need 0 <= threshold < 1, scale > 0, head_dim >= 1; got {threshold}, {scale}, {head_dim}")
-    block_q = block_q or (32 if dtype == "fp32" else 64)
-    block_n = block_n or 64
+    default_q, default_n = post_vision_blocks(dtype)
+    block_q = block_q or default_q
+    block_n = block_n or default_n
     pointer = f"*{dtype}"
     signature = {
         "q_ptr": pointer,
@@ -177,7 +187,7 @@ def compile_compact_kv(
     *,
     dtype: str,
     head_dim: int,
-    block_k: int = 32,
+    block_k: int = COMPACT_BLOCK_K,
     arch: int | None = None,
     num_warps: int = 4,
     ptx_version: int | None = None,

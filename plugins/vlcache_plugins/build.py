@@ -2,15 +2,21 @@
 
 **Never run on a GPU or against a real TensorRT** (it cannot be installed on the machines this project
 is developed on). What does not need TensorRT is tested on CPU: :func:`optimization_profile` (the
-shape ranges of every dynamic input) and the graph pass it relies on
-(:func:`vlcache_plugins.graph.to_tensorrt_plugins`).
+shape ranges of every dynamic input), :func:`prepare_sources` (the graphs TensorRT would parse, and
+``plugins.json``) and the graph pass it relies on (:func:`vlcache_plugins.graph.to_tensorrt_plugins`);
+the plugin graphs it writes also run on CPU in :class:`vlcache_plugins.standin.InterpretedEngine`,
+which is how ``tests/test_tensorrt_runner.py`` drives :class:`vlcache.runtime.TensorRTRunner`.
 
-:func:`build_engines` registers the plugins, rewrites the ``vlcache`` nodes of the scoring and
-compaction graphs into plugin nodes, parses each graph with TensorRT's ONNX parser, gives every
-dynamic input one optimization profile (prompt length 1..max_input_len, each layer's past length
-0..max_input_len), builds serialized engines (fp16 / bf16 flags from ``dtype``) and writes
-``export.json`` beside them with ``engines`` filled in, so :class:`vlcache.runtime.TensorRTRunner`
-loads the folder alone.
+:func:`build_engines` registers the plugins; :func:`prepare_sources` sets the PostVisionStats node's
+threshold and scale to the build's (the model's attention scale), rewrites the ``vlcache`` nodes of
+the scoring and compaction graphs into plugin nodes and records the two constants in ``plugins.json``
+(:class:`vlcache.runtime.tensorrt_support.PluginSettings`: the kernel bakes them in, so the runner
+must know what the engine serves); then each graph is parsed by TensorRT's ONNX parser, every
+dynamic input gets one optimization profile (prompt length 1..max_input_len, each layer's past length
+0..max_input_len), serialized engines are built (fp16 / bf16 flags from ``dtype``) and ``export.json``
+is written beside them with ``engines`` filled in, so :class:`vlcache.runtime.TensorRTRunner` loads
+the folder alone. The runner scores with the ``post_vision_stats`` engine and compacts with the
+``compact_kv`` engine.
 """
 
 from __future__ import annotations
@@ -19,11 +25,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from vlcache.core.sparsity import DEFAULT_THRESHOLD
 from vlcache.export import names
 from vlcache.export.spec import ExportSpec
+from vlcache.runtime.tensorrt_support import COMPACT_ROLE, PLUGIN_ROLES, SCORE_ROLE, PluginSettings
 
 #: graphs of an export (``ExportSpec.graphs`` roles) that get an engine, when the export has them
-ROLES = ("vision", "embed", "decoder", "post_vision_stats", "compact_kv")
+ROLES = ("vision", "embed", "decoder", SCORE_ROLE, COMPACT_ROLE)
 
 Range = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
 
@@ -108,36 +116,107 @@ def _build_one(trt: Any, onnx_path: Path, engine_path: Path, profile: dict[str, 
     engine_path.write_bytes(bytes(serialized))
 
 
-def build_engines(onnx_dir: Path, out_dir: Path, *, dtype: str = "float16", max_input_len: int | None = None) -> Path:
-    """Build one engine per graph of ``onnx_dir`` into ``out_dir``; returns ``out_dir/export.json``."""
-    import onnx
+def _set_score_constants(model: Any, threshold: float, scale: float) -> None:
+    """Give every ``vlcache.PostVisionStats`` node of ``model`` these ``threshold`` and ``scale``."""
+    from onnx import helper
 
-    from vlcache_plugins.graph import to_tensorrt_plugins
-    from vlcache_plugins.tensorrt_plugins import import_plugin_api, register_tensorrt_plugins
+    found = 0
+    for node in model.graph.node:
+        if node.domain == names.DOMAIN and node.op_type == names.POST_VISION_STATS:
+            kept = [a for a in node.attribute if a.name not in ("threshold", "scale")]
+            del node.attribute[:]
+            node.attribute.extend(kept)
+            node.attribute.extend(
+                [helper.make_attribute("threshold", float(threshold)), helper.make_attribute("scale", float(scale))]
+            )
+            found += 1
+    if not found:
+        raise ValueError(f"the {SCORE_ROLE} graph holds no {names.DOMAIN}.{names.POST_VISION_STATS} node")
 
+
+def _buildable_spec(onnx_dir: Path) -> ExportSpec:
     spec = ExportSpec.load(onnx_dir)
     if spec.attention != names.ATTENTION_STANDARD:
         raise ValueError(
             f"{onnx_dir}: the decoder uses {spec.attention!r} attention (an ONNX Runtime op TensorRT cannot parse); "
             "export with attention='standard' for a TensorRT build"
         )
-    trt, _ = import_plugin_api()
-    register_tensorrt_plugins()
+    missing = [role for role in PLUGIN_ROLES if role not in spec.graphs]
+    if missing:
+        raise ValueError(
+            f"{onnx_dir}: the export has no {', '.join(missing)} graph; the TensorRT runner scores and compacts "
+            "with the plugin engines built from them (re-export with vlcache.export.export_llava)"
+        )
+    return spec
+
+
+def prepare_sources(
+    onnx_dir: Path, out_dir: Path, *, threshold: float = DEFAULT_THRESHOLD
+) -> tuple[ExportSpec, dict[str, Path]]:
+    """The part of the build that needs no TensorRT: what each engine is built from.
+
+    Copies the export's graphs into ``out_dir`` (they stay beside the engines for inspection and
+    fallbacks), writes the plugin graphs ``post_vision_stats.trt.onnx`` (threshold ``threshold``,
+    scale the model's ``attention_scale``) and ``compact_kv.trt.onnx`` rewritten by
+    :func:`~vlcache_plugins.graph.to_tensorrt_plugins`, and ``plugins.json`` with those two constants.
+
+    Returns:
+        The export's spec (``engines`` not filled in yet) and role -> the ONNX file TensorRT parses.
+
+    Raises:
+        ValueError: the export's decoder is not the standard one, or it lacks a plugin graph.
+    """
+    import onnx
+
+    from vlcache_plugins.graph import to_tensorrt_plugins
+
+    spec = _buildable_spec(onnx_dir)
+    settings = PluginSettings(threshold=float(threshold), scale=float(spec.attention_scale))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    engines: dict[str, str] = {}
+    for file in spec.graphs.values():
+        for name in (file, f"{file}.data"):  # a large graph's weights live in an external data file
+            if (Path(onnx_dir) / name).is_file():
+                shutil.copy2(Path(onnx_dir) / name, out_dir / name)
+    sources: dict[str, Path] = {}
     for role in ROLES:
         if role not in spec.graphs:
             continue
         source = Path(onnx_dir) / spec.graphs[role]
-        if role in ("post_vision_stats", "compact_kv"):  # vlcache nodes -> plugin nodes
-            rewritten = out_dir / f"{role}.trt.onnx"
-            onnx.save(to_tensorrt_plugins(onnx.load(str(source))), str(rewritten))
-            source = rewritten
-        engine = out_dir / f"{role}.engine"
+        if role in PLUGIN_ROLES:  # vlcache nodes -> plugin nodes
+            model = onnx.load(str(source))
+            if role == SCORE_ROLE:
+                _set_score_constants(model, settings.threshold, settings.scale)
+            source = out_dir / f"{role}.trt.onnx"
+            onnx.save(to_tensorrt_plugins(model), str(source))
+        sources[role] = source
+    settings.save(out_dir)
+    return spec, sources
+
+
+def build_engines(
+    onnx_dir: Path,
+    out_dir: Path,
+    *,
+    dtype: str = "float16",
+    max_input_len: int | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
+) -> Path:
+    """Build one engine per graph of ``onnx_dir`` into ``out_dir``; returns ``out_dir/export.json``.
+
+    ``threshold``: the sparsity threshold p the PostVisionStats engine is compiled for (the runner
+    refuses requests for another one).
+    """
+    from vlcache_plugins.tensorrt_plugins import import_plugin_api, register_tensorrt_plugins
+
+    _buildable_spec(onnx_dir)  # a clear error about the export before one about TensorRT
+    trt, _ = import_plugin_api()
+    register_tensorrt_plugins()
+    spec, sources = prepare_sources(onnx_dir, out_dir, threshold=threshold)
+    engines: dict[str, str] = {}
+    for role, source in sources.items():
+        engine = Path(out_dir) / f"{role}.engine"
         _build_one(trt, source, engine, optimization_profile(spec, role, max_input_len), dtype)
         engines[role] = engine.name
-    for file in spec.graphs.values():  # the graphs stay beside the engines (inspection, fallbacks)
-        shutil.copy2(Path(onnx_dir) / file, out_dir / file)
     spec.engines = engines
     return spec.save(out_dir)

@@ -94,7 +94,7 @@ def register_tensorrt_plugins(*, arch: int | None = None, ptx_version: int | Non
         return _registered
     trt, trtp = import_plugin_api()
 
-    from vlcache_plugins.aot import compile_compact_kv, compile_post_vision_stats
+    from vlcache_plugins.aot import COMPACT_BLOCK_K, compile_compact_kv, compile_post_vision_stats
 
     pvs_id = PLUGIN_IDS[POST_VISION_STATS]
     ckv_id = PLUGIN_IDS[COMPACT_KV]
@@ -156,7 +156,7 @@ def register_tensorrt_plugins(*, arch: int | None = None, ptx_version: int | Non
 
     @trtp.aot_impl(ckv_id)
     def _compact_kv_aot(kv: desc, indices: desc, outputs: outs, tactic: int) -> aot_return:
-        block_k = 32
+        block_k = COMPACT_BLOCK_K
         compiled = compile_compact_kv(
             dtype=_triton_dtype(trt, kv.dtype),
             head_dim=_constant(kv.shape_expr[3], "the head dim of kv"),

@@ -134,9 +134,12 @@ def _build_engines(model: Any, folder: Path, config: BuildConfig, progress: Prog
     _export_onnx(model, onnx_dir, replace(config, dtype="float32"), attention="standard")
     from vlcache_plugins.build import build_engines
 
+    # the PostVisionStats kernel compiles p in: the build's (a VL-Cache variant's) setting, else the default
+    settings = config.compression.settings_dict()
+    threshold = {"threshold": settings["threshold"]} if "threshold" in settings else {}
     progress("      building TensorRT engines (this takes minutes)")
     try:
-        build_engines(onnx_dir, folder, dtype=config.dtype, max_input_len=config.max_input_len)
+        build_engines(onnx_dir, folder, dtype=config.dtype, max_input_len=config.max_input_len, **threshold)
     except RuntimeError as e:
         raise UserError(f"TensorRT engine build failed: {e}") from None
 

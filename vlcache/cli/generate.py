@@ -53,9 +53,12 @@ def load_image(spec: str) -> Any:
             index = int(spec.split(":", 1)[1])
         except ValueError:
             raise UserError(f"--image {spec!r}: expected digits:N with an integer N") from None
-        from vlcache.eval.tasks import DigitScenes
+        from vlcache.digits import DigitScenes
 
-        return DigitScenes("test").scene(index)[0]
+        try:
+            return DigitScenes("test").scene(index)[0]
+        except ImportError as e:
+            raise UserError(f"--image {spec}: {e}") from None
     path = Path(spec).expanduser()
     if not path.is_file():
         raise UserError(f"--image: no such file: {path}")

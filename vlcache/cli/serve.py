@@ -2,6 +2,8 @@
 
     vlcache-serve artifacts/llava-tiny --grpc-port 8001 --instances 1
 
+``--host 0.0.0.0`` binds every interface instead (what the container image does: docker/Dockerfile).
+
 Runs :func:`vlcache.serving.server.serve` on :meth:`TritonServer.for_artifact
 <vlcache.serving.server.TritonServer.for_artifact>` (the artifact is verified first) until SIGTERM
 (exit status 0) or Ctrl-C (130). User mistakes (no artifact, a bad setting, no tritonserver, a model
@@ -23,10 +25,15 @@ PROG = "vlcache-serve"
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog=PROG,
-        description="Serve a vlcache artifact directory with Triton Inference Server (bound to 127.0.0.1).",
+        description="Serve a vlcache artifact directory with Triton Inference Server (bound to 127.0.0.1 unless --host).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("artifact_dir", help="artifact directory written by vlcache-build")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address the HTTP, gRPC and metrics endpoints bind to (0.0.0.0: every interface, e.g. in a container)",
+    )
     p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (0: a free one)")
     p.add_argument("--http-port", type=int, default=8000, help="HTTP port (0: a free one)")
     p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (0: a free one)")
@@ -60,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
         instances=args.instances,
         num_threads=args.threads,
         max_tokens_cap=args.max_tokens_cap,
+        host=args.host,
         grpc_port=args.grpc_port,
         http_port=args.http_port,
         metrics_port=args.metrics_port,

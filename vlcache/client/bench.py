@@ -48,16 +48,14 @@ def load_workload(images: Path | None, prompt: str | None, count: int) -> list[t
         if not files:
             raise UserError(f"--images: no PNG / JPEG files in {images}")
         return [(p.read_bytes(), prompt or DEFAULT_PROMPT) for p in files]
+    from vlcache.digits import DigitScenes
+
     try:
-        from vlcache.eval.tasks import DigitScenes
+        scenes = DigitScenes("test", seed=0)
+        samples = [scenes[i] for i in range(max(1, min(count, 64)))]
     except ImportError as e:
-        raise UserError(f"the default digits scenes need the eval extra ({e}); pass --images DIR") from None
-    scenes = DigitScenes("test", seed=0)
-    out = []
-    for i in range(max(1, min(count, 64))):
-        sample = scenes[i]
-        out.append((encode_image(sample.image), prompt or sample.question))
-    return out
+        raise UserError(f"{e}; or pass --images DIR") from None
+    return [(encode_image(s.image), prompt or s.question) for s in samples]
 
 
 async def run_budget(

@@ -2,7 +2,8 @@
 
 Modules, from the bottom up (light at import; torch / transformers load on first use):
 
-* :mod:`vlcache.eval.tasks` — the synthetic `digits` VQA task the bundled `llava-tiny` is trained on.
+* :mod:`vlcache.digits` (outside the harness: bench and generate use its scenes too) — the synthetic
+  `digits` VQA task the bundled `llava-tiny` is trained on.
 * :mod:`vlcache.eval.passkey` — the text task `passkey`: a pass key hidden in 1–2k tokens of filler.
 * :mod:`vlcache.eval.metrics` — answer scoring: exact match, VQA accuracy, ANLS.
 * :mod:`vlcache.eval.datasets` — samples of a task: `digits`, `passkey` or a local JSONL file.

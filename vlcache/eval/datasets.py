@@ -4,8 +4,8 @@ JSONL file.
 Contract:
 * :func:`load_task` returns a :class:`Task` holding the first ``n`` samples (all of a JSONL file
   when ``n`` is None), each with its question, reference answers, question kind and metric.
-* `digits` (:class:`vlcache.eval.tasks.DigitScenes`): prompt ``<image> question``, scored by exact
-  match on :func:`vlcache.eval.tasks.parse_answer`; with ``followup`` every sample carries a second
+* `digits` (:class:`vlcache.digits.DigitScenes`): prompt ``<image> question``, scored by exact
+  match on :func:`vlcache.digits.parse_answer`; with ``followup`` every sample carries a second
   question about the same scene (``DigitScenes.followup``).
 * `passkey` (:class:`vlcache.eval.passkey.PassKeyTask`, text only): each sample carries a
   ``context`` (filler with the pass key inside) and the question; scored by exact match on
@@ -99,7 +99,7 @@ class Task:
 
 def load_digits(n: int, split: str = "test", seed: int = 0, followup: bool = False) -> Task:
     """The first ``n`` samples of ``DigitScenes(split, seed)`` (follow-up pairs when ``followup``)."""
-    from vlcache.eval.tasks import DigitScenes
+    from vlcache.digits import DigitScenes
 
     scenes = DigitScenes(split, seed)
     samples = []

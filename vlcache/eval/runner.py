@@ -106,7 +106,7 @@ def make_configs(methods: Sequence[str], budgets: Sequence[float], seed: int = 0
 def build_prompt(processor: Any, question: str, style: str) -> str:
     """The text handed to the processor with the image (see the module docstring)."""
     if style == "digits":
-        from vlcache.eval.tasks import format_prompt
+        from vlcache.digits import format_prompt
 
         return format_prompt(question)
     if style != "chat":
@@ -117,7 +117,7 @@ def build_prompt(processor: Any, question: str, style: str) -> str:
 def parse_prediction(text: str, style: str) -> str:
     """The answer inside a decoded generation."""
     if style == "digits":
-        from vlcache.eval.tasks import parse_answer
+        from vlcache.digits import parse_answer
 
         return parse_answer(text)
     if style == "passkey":

@@ -2,9 +2,12 @@
 
 After ``generate`` returns, its cache holds the prompt (compressed) plus every generated token but
 the last. :func:`continue_greedy` feeds new tokens at explicit positions — positions count every
-token the sequence has seen, never the cache length — and decodes greedily. Run it inside the same
-``VLCache(...).apply(model)`` block so the ragged-cache attention stays installed; the new tokens are
-appended and never evicted (TGV-KV's decode policy still applies to single-token steps).
+token the sequence has seen, never the cache length — and decodes them with the one token stream
+(:class:`vlcache.stream.TokenStream` over a :class:`~vlcache.hf.generation.TorchDecoder`). Run it
+inside the same ``VLCache(...).apply(model)`` block so the ragged-cache attention stays installed;
+the new tokens are appended and never evicted (TGV-KV's decode policy still applies to
+single-token steps). With a stream of :func:`vlcache.hf.stream` that ran to its end, its
+``stream.decoder`` continues the same way: ``decoder.extend(ids)``, then a new ``TokenStream``.
 """
 
 from __future__ import annotations
@@ -13,6 +16,9 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from vlcache.hf.generation import TorchDecoder
+from vlcache.stream import TokenStream, stop_ids
 
 
 @torch.no_grad()
@@ -31,17 +37,8 @@ def continue_greedy(
     """
     if new_ids.dim() != 2 or new_ids.shape[0] != 1 or new_ids.shape[1] < 1:
         raise ValueError("new_ids must be (1, n) with n >= 1")
-    pos = start_position
-    ids = new_ids
-    out: list[int] = []
-    for _ in range(max_new_tokens):
-        n = ids.shape[1]
-        position_ids = torch.arange(pos, pos + n, device=ids.device)[None]
-        logits = model(input_ids=ids, past_key_values=cache, position_ids=position_ids, use_cache=True).logits
-        pos += n
-        token = int(logits[0, -1].argmax())
-        out.append(token)
-        if eos_token_id is not None and token == eos_token_id:
-            break
-        ids = torch.tensor([[token]], device=new_ids.device)
+    decoder = TorchDecoder(model, cache, start_position, logits=torch.empty(0), session=None)
+    decoder.extend(new_ids)
+    with TokenStream(decoder, max_new_tokens=max_new_tokens, stop=stop_ids(eos_token_id)) as tokens:
+        out = list(tokens)
     return torch.tensor(out, dtype=torch.long)

@@ -11,7 +11,7 @@ attributes):
   chat template raises transformers' ValueError.
 * ``chat=False``: the processor's image token (:data:`vlcache.tokens.IMAGE_TOKEN_TEXT` when it names
   none), ``separator``, then ``text``: with the default ``" "`` the `digits` task's format
-  (:func:`vlcache.eval.tasks.format_prompt`), which the bundled llava-tiny was trained on.
+  (:func:`vlcache.digits.format_prompt`), which the bundled llava-tiny was trained on.
 * ``chat=None`` (default): ``chat=True`` when the processor has a chat template, else ``chat=False``.
 """
 

@@ -4,28 +4,33 @@ Contract:
 * Hooks are installed by :meth:`VLCache.apply` and removed in its ``finally``; the language model's
   attention implementation is swapped for a ragged-tolerant wrapper of the same kind and restored.
 * Prefill (a forward on an empty cache): forward hooks on every attention module recompute the
-  rows of queries the method asks for (after RoPE, from the module's own projections) and score
-  the layer's keys as cached. Nothing needs ``output_attentions`` or an m × m matrix, so it works
-  with sdpa and eager alike. After the last layer the budgets are allocated, every layer's K/V is
-  compacted to its own length (new storage; the old is freed) and the stats are recorded.
+  rows of queries the method asks for (after RoPE, from the module's own projections) and hand them
+  with the layer's cached keys to the one compression pipeline (:class:`vlcache.pipeline.Compression`).
+  Nothing needs ``output_attentions`` or an m × m matrix, so it works with sdpa and eager alike.
+  After the last layer the pipeline allocates the budgets and compacts every layer's K/V to its own
+  length (new storage; the old is freed) through :class:`DynamicCacheOps`, and records the stats.
 * Decode: generated tokens are appended and never evicted, except by a method's decode policy
-  (TGV-KV, active only inside the ``apply`` block of its prefill). Positions keep counting from the
-  prompt length: ``generate`` passes them; for a hand-written loop on the session's cache without
-  ``position_ids`` the session supplies them (transformers would otherwise use the cache length).
+  (TGV-KV), applied by the pipeline from the step's query in any ``apply`` block of the session that
+  decodes on the cache of its last prefill (so a decoder may enter ``apply`` once per step).
+  Positions keep counting from the prompt length: ``generate`` passes them; for a hand-written loop
+  on the session's cache without ``position_ids`` the session supplies them (transformers would
+  otherwise use the cache length).
 * One sequence at a time: a compressing method refuses batch size > 1 and padded prompts with a
   ValueError (each prompt's budgets differ, so rows could not share a cache tensor).
 * Layout: the spans are the runs of the model's image token, unless :meth:`VLCache.apply` is given
   ``spans`` (a text-only LM: the context a trailing question asks about plays the image's role).
-* One prefill, many methods: inside ``apply``, :meth:`VLCache.compress_prefill` takes a prefill
-  captured once (:mod:`vlcache.hf.prefill`) and does what the hooks would have done after running it.
+* One prefill, many methods: :meth:`VLCache.compress_prefill` takes a prefill captured once
+  (:mod:`vlcache.hf.prefill`) and does what the hooks would have done after running it.
+* The session holds its last prefill's cache weakly: dropping the cache frees it.
 """
 
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -43,63 +48,52 @@ from vlcache.hf.adapter import (
     project_queries,
 )
 from vlcache.hf.attention import ragged_name
-from vlcache.methods import DecodePolicy, LayerInput, LayerScore, PromptLayout, get_method
+from vlcache.methods import PromptLayout, get_method
+from vlcache.pipeline import CacheOps, Compression, CompressionStats
 
 if TYPE_CHECKING:
     from vlcache.hf.prefill import CapturedPrefill
 
 
-@dataclass
-class CompressionStats:
-    """What one prefill's compression did.
+class DynamicCacheOps(CacheOps):
+    """A transformers cache (``cache.layers[i].keys / .values``, (1, H_kv, n, D)) as the pipeline
+    drives it: compaction and eviction make new tensors (the old storage is freed)."""
 
-    Attributes:
-        method, budget: what was asked.
-        prompt_tokens: m; image_tokens: how many of them are image tokens.
-        kept_per_layer: tokens kept in each layer after prefill (``m`` everywhere for `full`).
-        kv_bytes_before / kv_bytes_after: bytes of the prompt's K/V cache before and after compaction.
-        scoring_seconds: time spent scoring, allocating and compacting (inside prefill).
-        decode_evictions: tokens evicted during decode (TGV-KV only).
-    """
+    def __init__(self, cache: Any) -> None:
+        self.cache = cache
 
-    method: str
-    budget: float
-    prompt_tokens: int
-    image_tokens: int
-    kept_per_layer: list[int]
-    kv_bytes_before: int
-    kv_bytes_after: int
-    scoring_seconds: float = 0.0
-    decode_evictions: int = 0
-    layer_weights: list[float | None] = field(default_factory=list)
+    def keys(self, layer: int) -> torch.Tensor:
+        return self.cache.layers[layer].keys
 
-    @property
-    def kept_fraction(self) -> float:
-        """Kept KV entries over the prompt's: Σ k_l / (L · m)."""
-        return sum(self.kept_per_layer) / (len(self.kept_per_layer) * self.prompt_tokens)
+    def keep(self, layer: int, indices: torch.Tensor) -> None:
+        entry = self.cache.layers[layer]
+        entry.keys = compact(entry.keys, indices)
+        entry.values = compact(entry.values, indices)
 
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["kept_fraction"] = self.kept_fraction
-        return d
+    def evict(self, layer: int, index: int) -> None:
+        entry = self.cache.layers[layer]
+        n = entry.keys.shape[2]
+        keep = torch.cat([torch.arange(index), torch.arange(index + 1, n)]).to(entry.keys.device)
+        entry.keys = entry.keys.index_select(2, keep)
+        entry.values = entry.values.index_select(2, keep)
+
+    def lengths(self) -> list[int]:
+        return [int(entry.keys.shape[2]) for entry in self.cache.layers]
+
+    def kv_bytes(self) -> int:
+        return cache_nbytes(self.cache)
 
 
 class _State:
-    """Per-forward bookkeeping shared by the hooks of one :meth:`VLCache.apply`."""
+    """Per-:meth:`VLCache.apply` bookkeeping of the hooks (one forward at a time)."""
 
-    def __init__(self) -> None:
+    def __init__(self, spans: tuple[tuple[int, int], ...] | None, num_layers: int) -> None:
         self.input_ids: torch.Tensor | None = None
         self.attention_mask: torch.Tensor | None = None
-        self.prefill = False
-        self.layout: PromptLayout | None = None
-        self.scores: dict[int, LayerScore] = {}
-        self.cache: Any = None
-        self.policy: DecodePolicy | None = None
-        self.scoring_seconds = 0.0
-        self.seen = 0  # tokens the sequence has seen: the next position
-        self.compacted = False
-        self.spans: tuple[tuple[int, int], ...] | None = None  # given by the caller (text-only LMs)
-        self.num_layers = 0
+        self.prefill = False  # the running forward is a prefill
+        self.forward_start = 0.0
+        self.spans = spans  # given by the caller (text-only LMs)
+        self.num_layers = num_layers
 
 
 class VLCache:
@@ -120,7 +114,14 @@ class VLCache:
         self.history: list[CompressionStats] = []
         #: per layer, the (B, H_kv, k) prompt positions kept by the last prefill (None: all kept)
         self.kept_indices: list[torch.Tensor | None] = []
+        #: the last prefill's compression (the pipeline; its decode policy acts on that prefill's cache)
+        self.compression: Compression | None = None
+        self._cache: weakref.ref[Any] | None = None  # the last prefill's cache
+        self._seen = 0  # tokens that cache's sequence has seen: the next position
         self._state: _State | None = None  # while apply() is active
+
+    def _owns(self, cache: Any) -> bool:
+        return cache is not None and self._cache is not None and self._cache() is cache
 
     @contextmanager
     def apply(self, model: nn.Module, spans: Sequence[tuple[int, int]] | None = None) -> Iterator[VLCache]:
@@ -134,23 +135,19 @@ class VLCache:
         """
         stack = decoder_stack(model)
         attns = attention_modules(stack)
-        state = _State()
-        state.spans = None if spans is None else tuple((int(s), int(e)) for s, e in spans)
-        state.num_layers = len(attns)
+        state = _State(None if spans is None else tuple((int(s), int(e)) for s, e in spans), len(attns))
         image_token = image_token_id(model)
         handles = [
             model.register_forward_pre_hook(self._capture_inputs(state), with_kwargs=True),
             stack.register_forward_pre_hook(self._start(state, image_token), with_kwargs=True),
-            stack.register_forward_hook(self._finish(state, len(attns)), with_kwargs=True),
+            stack.register_forward_hook(self._finish(state), with_kwargs=True),
         ]
         text_cfg: Any = stack.config
         original_impl = text_cfg._attn_implementation
         try:
             if self.method.compresses:
                 text_cfg._attn_implementation = ragged_name(original_impl)
-                handles += [
-                    a.register_forward_hook(self._layer_hook(state, len(attns)), with_kwargs=True) for a in attns
-                ]
+                handles += [a.register_forward_hook(self._layer_hook(state), with_kwargs=True) for a in attns]
             self._state = state
             yield self
         finally:
@@ -160,51 +157,57 @@ class VLCache:
             text_cfg._attn_implementation = original_impl
 
     def compress_prefill(self, prefill: CapturedPrefill) -> Any:
-        """Inside :meth:`apply`: compress a captured prefill as if the model had just run it here.
+        """Compress a captured prefill as if the model had just run it in :meth:`apply`.
 
         Returns a new ``DynamicCache`` holding the prompt's keys and values, scored from the captured
         query rows, allocated, compacted and with :attr:`stats` recorded as after a prefill, and the
-        decode policy (TGV-KV) armed. Decode on it with explicit positions from ``prefill.prompt_len``
-        (:func:`vlcache.hf.continuation.continue_greedy`). Scores are memoised in ``prefill`` per
-        method setting, so every budget of a method scores once.
+        decode policy (TGV-KV) armed. Decode on it inside :meth:`apply` with explicit positions from
+        ``prefill.prompt_len`` (:func:`vlcache.hf.generation.generate_from_prefill`). Scores are
+        memoised in ``prefill`` per method setting, so every budget of a method scores once.
         """
         from transformers import DynamicCache
 
         state = self._state
-        if state is None:
-            raise RuntimeError("compress_prefill runs inside `with session.apply(model):`")
-        if prefill.num_layers != state.num_layers:
+        if state is not None and prefill.num_layers != state.num_layers:
             raise ValueError(f"the prefill has {prefill.num_layers} layers, the model {state.num_layers}")
         cache = DynamicCache()
         for i in range(prefill.num_layers):
             cache.update(prefill.keys[i], prefill.values[i], i)
-        state.layout = prefill.layout
-        state.seen = prefill.prompt_len
-        state.compacted = False
-        state.cache = cache
-        state.policy = None
-        state.scoring_seconds = 0.0
-        state.scores = {}
+        compression = self._begin(prefill.layout, cache, prefill.num_layers)
+        ops = DynamicCacheOps(cache)
         if self.method.compresses:
-            t0 = time.perf_counter()
             key = replace(self.config, budget=1.0)
             scores = prefill.scores.get(key)
             if scores is None:
-                start = self.method.query_start(prefill.layout)
-                with torch.no_grad():
-                    scores = [
-                        self.method.score(prefill.layer_input(i, start), prefill.layout)
-                        for i in range(prefill.num_layers)
-                    ]
-                prefill.scores[key] = scores
-            state.scores = dict(enumerate(scores))
-            state.scoring_seconds = time.perf_counter() - t0
-        self._compress(state, state.num_layers)
+                start = compression.query_start
+                for i in range(prefill.num_layers):
+                    inp = prefill.layer_input(i, start)
+                    compression.score_layer(ops, i, inp.queries, inp.keys, inp.scale)
+                prefill.scores[key] = [s for s in compression.scores if s is not None]
+            else:
+                compression.use_scores(scores)
+        self._end(ops, prefill_seconds=0.0)
         return cache
+
+    # --- the pipeline's life ----------------------------------------------------------------------
+    def _begin(self, layout: PromptLayout, cache: Any, num_layers: int) -> Compression:
+        """A new prefill: its compression, on ``cache``."""
+        self.compression = Compression(self.method, layout, num_layers, backend="torch")
+        self._cache = weakref.ref(cache)
+        self._seen = layout.prompt_len
+        return self.compression
+
+    def _end(self, ops: DynamicCacheOps, prefill_seconds: float) -> None:
+        """After the prefill: compress (allocate, select, compact), record the stats."""
+        assert self.compression is not None
+        self.stats = self.compression.compress(ops, prefill_seconds=prefill_seconds)
+        self.kept_indices = list(self.compression.kept_indices)
+        self.history.append(self.stats)
 
     # --- hooks -------------------------------------------------------------------------------
     def _capture_inputs(self, state: _State):  # type: ignore[no-untyped-def]
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            state.forward_start = time.perf_counter()
             ids = kwargs.get("input_ids", args[0] if args else None)
             state.input_ids = ids if isinstance(ids, torch.Tensor) else None
             mask = kwargs.get("attention_mask")
@@ -222,13 +225,14 @@ class VLCache:
             if not isinstance(x, torch.Tensor):
                 return None
             if not state.prefill:
-                n = x.shape[1]
-                if cache is not None and cache is state.cache:
-                    state.seen += n
+                if self._owns(cache):
+                    n = x.shape[1]
+                    self._seen += n
                     # After eviction the cache length is no position: without explicit position_ids
                     # transformers would take them from layer 0's (compacted) length.
-                    if kwargs.get("position_ids") is None and state.compacted:
-                        kwargs["position_ids"] = torch.arange(state.seen - n, state.seen, device=x.device)[None]
+                    compacted = self.compression is not None and self.compression.compacted
+                    if kwargs.get("position_ids") is None and compacted:
+                        kwargs["position_ids"] = torch.arange(self._seen - n, self._seen, device=x.device)[None]
                         return args, kwargs
                 return None
             batch, m = x.shape[0], x.shape[1]
@@ -247,110 +251,50 @@ class VLCache:
                 spans = find_image_spans(ids_full[0], image_token)
             else:
                 spans = ()
-            state.layout = PromptLayout(m, spans)
-            state.seen = m
-            state.compacted = False
-            state.scores = {}
-            state.cache = cache
-            state.policy = None
-            state.scoring_seconds = 0.0
+            if not state.forward_start:  # the stack was called without the model's forward
+                state.forward_start = time.perf_counter()
+            self._begin(PromptLayout(m, spans), cache, state.num_layers)
             return None
 
         return hook
 
-    def _layer_hook(self, state: _State, num_layers: int):  # type: ignore[no-untyped-def]
-        method = self.method
-
+    def _layer_hook(self, state: _State):  # type: ignore[no-untyped-def]
         def hook(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
-            idx = int(module.layer_idx)
+            compression = self.compression
             cache = cache_argument(kwargs)
-            cache = state.cache if cache is None else cache
-            if cache is None or state.layout is None:
+            if cache is None and self._cache is not None:
+                cache = self._cache()
+            if compression is None or not self._owns(cache):
                 return
+            idx = int(module.layer_idx)
             hidden: torch.Tensor = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            pos = kwargs["position_embeddings"]
-            layer = cache.layers[idx]
-            t0 = time.perf_counter()
+            cos, sin = kwargs["position_embeddings"]
+            scale = float(module.scaling)
+            ops = DynamicCacheOps(cache)
             if state.prefill:
-                start = method.query_start(state.layout)
+                t0 = time.perf_counter()
+                start = compression.query_start
                 with torch.no_grad():
-                    queries = project_queries(module, hidden[:, start:], (pos[0][:, start:], pos[1][:, start:]))
-                    inp = LayerInput(queries, layer.keys, start, float(module.scaling), idx, num_layers)
-                    state.scores[idx] = method.score(inp, state.layout)
-            elif state.policy is not None and hidden.shape[1] == 1:
+                    queries = project_queries(module, hidden[:, start:], (cos[:, start:], sin[:, start:]))
+                compression.scoring_seconds += time.perf_counter() - t0
+                compression.score_layer(ops, idx, queries, ops.keys(idx), scale)
+            elif compression.policy is not None and hidden.shape[1] == 1:
                 with torch.no_grad():
-                    q = project_queries(module, hidden, pos)
-                    cache_len = layer.keys.shape[2]
-                    probs = _single_query_attention(q, layer.keys, float(module.scaling))
-                    evict = state.policy.step(idx, probs, cache_len)
-                    if evict is not None:
-                        keep = torch.cat([torch.arange(evict), torch.arange(evict + 1, cache_len)]).to(
-                            layer.keys.device
-                        )
-                        layer.keys = layer.keys.index_select(2, keep)
-                        layer.values = layer.values.index_select(2, keep)
-                        if self.stats is not None:
-                            self.stats.decode_evictions += 1
-            state.scoring_seconds += time.perf_counter() - t0
+                    query = project_queries(module, hidden, (cos, sin))
+                compression.decode_step(ops, idx, query, scale)
 
         return hook
 
-    def _finish(self, state: _State, num_layers: int):  # type: ignore[no-untyped-def]
+    def _finish(self, state: _State):  # type: ignore[no-untyped-def]
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            if not state.prefill or state.layout is None:
+            if not state.prefill or self.compression is None or self._cache is None:
                 return
             state.prefill = False
-            self._compress(state, num_layers)
+            cache = self._cache()
+            if cache is None:
+                return
+            seconds = time.perf_counter() - state.forward_start - self.compression.scoring_seconds
+            state.forward_start = 0.0
+            self._end(DynamicCacheOps(cache), prefill_seconds=max(seconds, 0.0))
 
         return hook
-
-    def _compress(self, state: _State, num_layers: int) -> None:
-        """After a prefill: allocate, select, compact every layer of ``state.cache``, record the stats."""
-        method = self.method
-        cache = state.cache
-        layout = state.layout
-        assert layout is not None
-        before = cache_nbytes(cache)
-        t0 = time.perf_counter()
-        m = layout.prompt_len
-        weights: list[float | None] = []
-        self.kept_indices = [None] * len(cache.layers)
-        if method.compresses:
-            weights = [state.scores[i].weight for i in range(num_layers)]
-            budgets = method.allocate(weights, layout)
-            policy = method.decode_policy(budgets, layout)
-            with torch.no_grad():
-                for i, layer in enumerate(cache.layers):
-                    k = int(budgets[i])
-                    if k >= m:
-                        continue
-                    kept = method.select(state.scores[i].scores, k, layout)
-                    layer.keys = compact(layer.keys, kept)
-                    layer.values = compact(layer.values, kept)
-                    self.kept_indices[i] = kept
-                    state.compacted = True
-                    if policy is not None:
-                        policy.set_protected(i, kept)
-            state.policy = policy
-            state.scores = {}
-        kept_per_layer = [int(layer.keys.shape[2]) for layer in cache.layers]
-        self.stats = CompressionStats(
-            method=self.config.method,
-            budget=self.config.budget,
-            prompt_tokens=m,
-            image_tokens=layout.num_image_tokens,
-            kept_per_layer=kept_per_layer,
-            kv_bytes_before=before,
-            kv_bytes_after=cache_nbytes(cache),
-            scoring_seconds=state.scoring_seconds + time.perf_counter() - t0,
-            layer_weights=weights,
-        )
-        self.history.append(self.stats)
-
-
-def _single_query_attention(q: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
-    """(B, H_q, 1, d) query vs (B, H_kv, n, d) keys -> (B, H_q, 1, n) float32 probabilities."""
-    b, h_q, _, d = q.shape
-    h_kv = keys.shape[1]
-    logits = torch.matmul(q.float().reshape(b, h_kv, h_q // h_kv, 1, d), keys.float().unsqueeze(2).transpose(-1, -2))
-    return torch.softmax(logits * scale, dim=-1).reshape(b, h_q, 1, -1)

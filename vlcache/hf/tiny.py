@@ -9,7 +9,7 @@ generate) is the real transformers one. Their token ids are ``0..VOCAB-1``, with
 The bundled format (:func:`bundled_tokenizer`, :func:`bundled_processor`, :func:`bundled_llava`):
 what ``scripts/train_tiny_llava.py`` trains and saves, and what the tests and benchmarks build when
 they need a checkpoint of that format with random weights. The words and image size are the task's
-(:func:`vlcache.eval.tasks.vocabulary`, :data:`vlcache.eval.tasks.IMAGE_SIZE`); they are passed in,
+(:func:`vlcache.digits.vocabulary`, :data:`vlcache.digits.IMAGE_SIZE`); they are passed in,
 as this layer does not import the harness. Both kinds share the vision and text configs below: CLIP
 with patch :data:`PATCH`, a GQA Llama with 4 query and 2 key/value heads.
 """

@@ -4,7 +4,9 @@ A method sees one layer at a time during prefill (:class:`LayerInput`) and retur
 and, optionally, a layer weight (:class:`LayerScore`). After the last layer, :meth:`Method.allocate`
 turns the weights into per-layer budgets, and :meth:`Method.select` picks the kept indices with
 :func:`vlcache.core.select_kept`. A method with a decode-time policy returns it from
-:meth:`Method.decode_policy`. Most methods only write :meth:`Method.score`.
+:meth:`Method.decode_policy`. Most methods only write :meth:`Method.score`; one whose scores are the
+post-vision statistics says so in :meth:`Method.post_vision_scores`, so that a backend's fused op
+can compute them. :mod:`vlcache.pipeline` runs these steps on every backend.
 
 A method's own knobs (SnapKV's window, VL-Cache's threshold, ...) are a frozen
 :class:`MethodSettings` dataclass declared next to it (``settings_type``), validated in its
@@ -95,6 +97,22 @@ class LayerScore:
     weight: float | None = None
 
 
+@dataclass(frozen=True)
+class PostVisionScores:
+    """A method's declaration that its layer scores are the post-vision statistics: ``scores`` and
+    the mean ``density`` of :func:`vlcache.core.post_vision_statistics` over its query rows, with
+    this ``threshold`` p. A backend with a fused op for those statistics (a runner's
+    ``post_vision_stats``) then computes them instead of :meth:`Method.score`
+    (:mod:`vlcache.pipeline`)."""
+
+    threshold: float
+
+    @staticmethod
+    def layer_score(scores: torch.Tensor, density: torch.Tensor) -> LayerScore:
+        """The layer's score from the statistics: (B, H_kv, m) scores, weight the mean (B,) density."""
+        return LayerScore(scores, float(density.mean()))
+
+
 class DecodePolicy:
     """Evicts during decode. The runner calls :meth:`set_protected` once per layer after prefill
     compaction, then :meth:`step` after layer ``layer_idx`` attended with one new query."""
@@ -158,6 +176,11 @@ class Method:
         """Per-key scores of one layer (and its weight for the allocator). Required when ``compresses``."""
         why = "it does not compress, so nothing scores it" if not self.compresses else "a subclass must implement it"
         raise NotImplementedError(f"method {self.name!r} has no score(): {why}")
+
+    def post_vision_scores(self) -> PostVisionScores | None:
+        """Non-None when :meth:`score` is exactly the post-vision statistics (see
+        :class:`PostVisionScores`): backends with a fused op for them run it instead. Default: None."""
+        return None
 
     def allocate(self, weights: Sequence[float | None], layout: PromptLayout) -> torch.Tensor:
         """(L,) tokens kept per layer. Default: uniform."""

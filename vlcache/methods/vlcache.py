@@ -28,7 +28,15 @@ from vlcache.core import (
     post_vision_statistics,
     recent_window,
 )
-from vlcache.methods.base import LayerInput, LayerScore, Method, MethodSettings, PromptLayout, register
+from vlcache.methods.base import (
+    LayerInput,
+    LayerScore,
+    Method,
+    MethodSettings,
+    PostVisionScores,
+    PromptLayout,
+    register,
+)
 
 
 @dataclass(frozen=True)
@@ -87,7 +95,11 @@ class VLCacheMethod(Method):
             scale=inp.scale,
             chunk_size=self.config.chunk_size,
         )
-        return LayerScore(stats.scores, float(stats.density.mean()))
+        return PostVisionScores.layer_score(stats.scores, stats.density)
+
+    def post_vision_scores(self) -> PostVisionScores:
+        """:meth:`score` is exactly the post-vision statistics: a backend's fused op may compute them."""
+        return PostVisionScores(self.settings.threshold)
 
     def allocate(self, weights: Sequence[float | None], layout: PromptLayout) -> torch.Tensor:
         density = [1.0 if w is None else w for w in weights]

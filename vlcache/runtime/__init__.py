@@ -1,9 +1,10 @@
 """Runners that execute exported graphs, and one generation loop for all of them.
 
 ``load_runtime(dir)`` opens an export directory (ONNX Runtime on CPU, or TensorRT engines on a
-GPU); ``generate(runner, input_ids, pixel_values, config)`` runs prefill → score → allocate →
-compact → greedy decode and returns tokens and stats. onnxruntime and tensorrt are imported only
-when a runner of that kind is built.
+GPU); ``stream(runner, input_ids, pixel_values, config)`` runs prefill → the compression pipeline
+(:mod:`vlcache.pipeline`) and yields the greedy tokens (:class:`vlcache.stream.TokenStream`);
+``generate(...)`` collects them with the stats. onnxruntime and tensorrt are imported only when a
+runner of that kind is built.
 """
 
 from __future__ import annotations
@@ -11,23 +12,29 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "CompressionStats",
     "GenerationState",
     "OnnxRunner",
     "Runner",
+    "RunnerCache",
     "RuntimeResult",
-    "RuntimeStats",
     "TensorRTRunner",
+    "TokenStream",
     "generate",
     "load_runtime",
     "prefill",
+    "stream",
 ]
 
 _WHERE = {
     "Runner": "vlcache.runtime.base",
+    "CompressionStats": "vlcache.pipeline",
+    "TokenStream": "vlcache.stream",
+    "RunnerCache": "vlcache.runtime.loop",
     "RuntimeResult": "vlcache.runtime.loop",
-    "RuntimeStats": "vlcache.runtime.loop",
     "generate": "vlcache.runtime.loop",
     "prefill": "vlcache.runtime.loop",
+    "stream": "vlcache.runtime.loop",
     "GenerationState": "vlcache.runtime.loop",
     "load_runtime": "vlcache.runtime.loader",
     "OnnxRunner": "vlcache.runtime.onnx_runner",

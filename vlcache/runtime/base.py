@@ -1,9 +1,13 @@
-"""`Runner`: what a backend provides to the shared generation loop (:mod:`vlcache.runtime.loop`).
+"""`Runner`: what a backend provides to the shared generation of :mod:`vlcache.runtime.loop`.
 
-A runner executes the exported graphs (ONNX Runtime, TensorRT engines). The loop owns everything
-else: image-token merge, positions, scoring with :mod:`vlcache.methods`, budgets from
-:mod:`vlcache.core`, compaction, greedy decode and the stats. The loop runs one prompt at a time;
-:meth:`Runner.forward` takes a batch (rows with their own cache lengths where the graph allows).
+A runner executes the exported graphs (ONNX Runtime, TensorRT engines) and supplies the ops the one
+compression pipeline (:mod:`vlcache.pipeline`, through :class:`vlcache.runtime.loop.RunnerCache`)
+runs on its cache: :meth:`Runner.post_vision_stats` (scoring of the methods that declare post-vision
+scores), :meth:`Runner.compact_layer` / :meth:`Runner.compact` (compaction) and :meth:`Runner.evict`
+(a decode policy's eviction). The loop owns everything else: image-token merge, positions, the
+pipeline's scoring, budgets and selection, greedy decode (:mod:`vlcache.stream`) and the stats. It
+runs one prompt at a time; :meth:`Runner.forward` takes a batch (rows with their own cache lengths
+where the graph allows).
 
 The cache is one :class:`LayerKV` per layer: key/value tensors (B, H_kv, C, D) of **capacity** C
 whose first ``lengths[b]`` entries of row b are valid. A runner whose graph appends by
@@ -16,7 +20,8 @@ Tensors handed back by :meth:`Runner.forward` (KV buffers, queries) are the runn
 (``Handle``: a numpy array, an ``OrtValue``, a CUDA torch tensor); the loop only moves them
 between calls and converts to torch with :meth:`Runner.to_torch` where scoring needs them. The
 default scoring and compaction run :mod:`vlcache.core` on those torch tensors; a runner overrides
-:meth:`Runner.post_vision_stats` / :meth:`Runner.compact` to run the ``vlcache`` ops instead.
+:meth:`Runner.post_vision_stats` / :meth:`Runner.compact` / :meth:`Runner.compact_layer` to run the
+``vlcache`` ops instead.
 """
 
 from __future__ import annotations

@@ -1,18 +1,21 @@
-"""One generation loop for every backend: encode image → prefill → score → allocate → compact → decode.
+"""Runners' generation: encode image → prefill → compress (:mod:`vlcache.pipeline`) → greedy decode
+(:mod:`vlcache.stream`).
 
-Semantics are those of the torch path (:func:`vlcache.generate`), step for step:
+Semantics are those of the torch backend (:func:`vlcache.generate`), step for step:
 
 1. The prompt's token embeddings get the image features scattered into the ``image_token_id``
    positions (in order); the decoder runs once on the whole prompt at positions ``0 .. m-1``.
-2. Each layer is scored from its post-RoPE queries (rows ``method.query_start(layout) .. m-1``) and
-   its cached keys: the ``vlcache`` methods through the runner's ``PostVisionStats`` op, every other
-   method through :meth:`vlcache.methods.Method.score` on torch tensors.
-3. ``method.allocate`` gives the per-layer budgets (``vlcache.core``), ``method.select`` the kept
-   indices, and the runner's ``CompactKV`` op gathers each layer's K/V to its own length.
-4. Greedy decode: the first token comes from the prefill logits; each new token is fed at the next
-   *position* (which keeps counting from m: after eviction position ≠ cache length), appended to
-   every layer, never evicted — except by a method's decode policy (TGV-KV), applied from the
-   step's own queries. ``on_token`` is called with every token as soon as it is chosen.
+2. :class:`vlcache.pipeline.Compression` — the pipeline every backend runs — scores each layer from
+   its post-RoPE queries (rows ``method.query_start(layout) .. m-1``) and its cached keys (a method
+   declaring post-vision scores through the runner's ``post_vision_stats`` op, others through
+   :meth:`vlcache.methods.Method.score`), allocates the budgets, selects the kept indices and
+   compacts each layer through the runner's ``compact_layer`` (the ``CompactKV`` op).
+3. Greedy decode (:class:`vlcache.stream.TokenStream`): the first token comes from the prefill
+   logits; each new token is fed at the next *position* (which keeps counting from m: after
+   eviction position ≠ cache length), appended to every layer, never evicted — except by a
+   method's decode policy (TGV-KV), which the pipeline applies from the step's own queries.
+
+:class:`RunnerCache` is the runners' side of the pipeline: their per-layer cache and ops.
 
 KV memory (runners that preallocate, i.e. ONNX Runtime on the ``fused`` decoder): prefill writes into
 per-layer buffers of capacity ``m + max_new_tokens``; a layer that keeps k_l < m entries moves them
@@ -21,8 +24,9 @@ prefill buffer is dropped; decode then writes every token into these buffers in 
 decode policy's eviction shifts the entries inside them. ``full`` (and any layer that keeps all m)
 decodes in the prefill buffer. Runners that append by concatenation size each tensor exactly.
 
-:func:`prefill` does steps 1–3 and returns a :class:`GenerationState` whose ``step(token)`` feeds one
-token (serving and benchmarks drive it token by token); :func:`generate` is the greedy loop on top.
+:func:`prefill` does steps 1–2 and returns a :class:`GenerationState` (the runners'
+:class:`~vlcache.stream.Decoder`); :func:`stream` wraps it in the token stream (what serving and
+the benchmarks iterate; closing it frees the buffers); :func:`generate` collects a stream.
 Batch size 1: one prompt, unpadded (each prompt gets its own budgets, so rows could not share a
 cache tensor).
 """
@@ -31,82 +35,71 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from vlcache.config import CompressionConfig
-from vlcache.core import iter_attention_chunks
-from vlcache.methods import DecodePolicy, LayerInput, LayerScore, PromptLayout, get_method
-from vlcache.methods.vlcache import VLCacheMethod
+from vlcache.methods import PromptLayout, get_method
+from vlcache.pipeline import CacheOps, Compression, CompressionStats
 from vlcache.runtime.base import Cache, Runner
-
-
-@dataclass
-class RuntimeStats:
-    """What one generation did.
-
-    Attributes:
-        backend, method, budget: what ran.
-        prompt_tokens: m; image_tokens: how many of them are image tokens.
-        kept_per_layer: tokens each layer kept after prefill (m everywhere for ``full``).
-        kv_bytes_before / kv_bytes_after: the prompt's KV cache (valid entries) before and after compaction.
-        kv_bytes_reserved: what the cache's buffers hold after compaction, room for the decode
-            included (the valid bytes for runners that size tensors exactly).
-        prefill_seconds: image encoding, embedding and the prompt's decoder pass.
-        scoring_seconds: scoring, budget allocation and compaction.
-        decode_seconds: the decode steps after the first token (token callbacks excluded).
-        new_tokens: tokens generated; decode_evictions: tokens a decode policy evicted (TGV-KV).
-        layer_weights: what each layer gave the allocator (VL-Cache: its density).
-    """
-
-    backend: str
-    method: str
-    budget: float
-    prompt_tokens: int
-    image_tokens: int
-    kept_per_layer: list[int]
-    kv_bytes_before: int
-    kv_bytes_after: int
-    prefill_seconds: float
-    scoring_seconds: float
-    decode_seconds: float = 0.0
-    new_tokens: int = 0
-    decode_evictions: int = 0
-    layer_weights: list[float | None] = field(default_factory=list)
-    kv_bytes_reserved: int = 0
-
-    @property
-    def kept_fraction(self) -> float:
-        """Σ k_l / (L · m)."""
-        return sum(self.kept_per_layer) / (len(self.kept_per_layer) * self.prompt_tokens)
-
-    @property
-    def decode_ms_per_token(self) -> float | None:
-        """Mean decode time per step after the first token (None with fewer than two tokens)."""
-        steps = self.new_tokens - 1
-        return 1000.0 * self.decode_seconds / steps if steps > 0 else None
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["kept_fraction"] = self.kept_fraction
-        d["decode_ms_per_token"] = self.decode_ms_per_token
-        return d
+from vlcache.stream import TokenStream, stop_ids
 
 
 @dataclass
 class RuntimeResult:
     """tokens: the generated ids; kept_indices: per layer the (1, H_kv, k) prompt positions kept
     (None: all kept); budgets: (L,) tokens kept per layer (None for ``full``); logits: the (V,)
-    logits of every generated token when asked for."""
+    logits of every generated token when asked for; finish_reason: ``stop`` or ``length``."""
 
     tokens: list[int]
-    stats: RuntimeStats
+    stats: CompressionStats
     kept_indices: list[torch.Tensor | None]
     budgets: torch.Tensor | None = None
     logits: list[np.ndarray] | None = None
+    finish_reason: str | None = None
+
+
+class RunnerCache(CacheOps):
+    """A runner's per-layer cache of one prompt, with the runner's ops, as the pipeline drives it.
+
+    ``room``: entries each compacted layer's buffers keep free for the decode (runners that
+    preallocate; the others ignore it). Every runner has the post-vision statistics op
+    (:meth:`Runner.post_vision_stats`; :mod:`vlcache.core` unless the runner fuses it).
+    """
+
+    has_post_vision_op = True
+
+    def __init__(self, runner: Runner, layers: Cache, room: int) -> None:
+        self.runner = runner
+        self.layers = layers
+        self.room = room
+
+    def post_vision_stats(
+        self, queries: torch.Tensor, keys: torch.Tensor, query_start: int, threshold: float, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.runner.post_vision_stats(queries, keys, query_start, threshold, scale)
+
+    def keys(self, layer: int) -> torch.Tensor:
+        return self.runner.valid_kv(self.layers[layer])[0]
+
+    def keep(self, layer: int, indices: torch.Tensor) -> None:
+        k = int(indices.shape[-1])
+        self.layers[layer] = self.runner.compact_layer(self.layers[layer], indices, k + self.room)
+
+    def evict(self, layer: int, index: int) -> None:
+        self.layers[layer] = self.runner.evict(self.layers[layer], index)
+
+    def lengths(self) -> list[int]:
+        return [kv.length for kv in self.layers]
+
+    def kv_bytes(self) -> int:
+        return sum(self.runner.kv_bytes(kv) for kv in self.layers)
+
+    def kv_reserved_bytes(self) -> int:
+        return sum(self.runner.kv_reserved_bytes(kv) for kv in self.layers)
 
 
 def _as_ids(input_ids: Any, vocab: int) -> np.ndarray:
@@ -125,14 +118,6 @@ def _as_ids(input_ids: Any, vocab: int) -> np.ndarray:
     if ids.min() < 0 or ids.max() >= vocab:
         raise ValueError(f"input_ids must lie in [0, {vocab}), got values in [{ids.min()}, {ids.max()}]")
     return ids.astype(np.int64)
-
-
-def _eos(eos_token_id: int | Sequence[int] | None, default: Sequence[int]) -> set[int]:
-    if eos_token_id is None:
-        return set(default)
-    if isinstance(eos_token_id, (int, np.integer)):
-        return {int(eos_token_id)}
-    return {int(e) for e in eos_token_id}
 
 
 def _merge_images(runner: Runner, ids: np.ndarray, embeds: np.ndarray, pixel_values: Any) -> int:
@@ -169,93 +154,59 @@ def _layout(ids: np.ndarray, image_token: int | None) -> PromptLayout:
     return PromptLayout(ids.shape[1], find_image_spans(torch.from_numpy(ids[0]), image_token))
 
 
-def _score(
-    runner: Runner, out_queries: list[Any], cache: Cache, config: CompressionConfig, method: Any, layout: PromptLayout
-) -> list[LayerScore]:
-    spec = runner.spec
-    start = method.query_start(layout)
-    scores = []
-    for layer in range(spec.num_layers):
-        keys, _ = runner.valid_kv(cache[layer])
-        queries = runner.to_torch(out_queries[layer])[:, :, start:]
-        if isinstance(method, VLCacheMethod):
-            s, density = runner.post_vision_stats(queries, keys, start, method.settings.threshold, spec.attention_scale)
-            scores.append(LayerScore(s, float(density.mean())))
-        else:
-            inp = LayerInput(queries, keys, start, spec.attention_scale, layer, spec.num_layers)
-            scores.append(method.score(inp, layout))
-    return scores
-
-
-def _evict_step(runner: Runner, policy: DecodePolicy, queries: list[Any], cache: Cache) -> int:
-    """Apply a decode policy after one single-token step; returns the number of evictions."""
-    evicted = 0
-    for layer in range(runner.spec.num_layers):
-        keys, _ = runner.valid_kv(cache[layer])
-        q = runner.to_torch(queries[layer])
-        length = keys.shape[2]
-        _, probs = next(iter_attention_chunks(q, keys, length - 1, scale=runner.spec.attention_scale))
-        drop = policy.step(layer, probs, length)
-        if drop is None:
-            continue
-        cache[layer] = runner.evict(cache[layer], int(drop))
-        evicted += 1
-    return evicted
-
-
-def _cache_bytes(runner: Runner, cache: Cache) -> int:
-    return sum(runner.kv_bytes(kv) for kv in cache)
-
-
 class GenerationState:
     """One prompt after :func:`prefill`: its (compacted) cache, the next position, the current logits.
 
-    Built by :func:`prefill`; :meth:`step` feeds one token and updates :attr:`logits`. Lets a
-    caller (serving, benchmarks) drive decoding token by token; :func:`generate` is the greedy loop
-    on top of it.
+    The runners' :class:`~vlcache.stream.Decoder`: :meth:`step` feeds one token (and applies the
+    decode policy), :meth:`close` drops the cache. Iterate it through :func:`stream`.
     """
 
     def __init__(
-        self,
-        runner: Runner,
-        cache: Cache,
-        logits: np.ndarray,
-        stats: RuntimeStats,
-        kept_indices: list[torch.Tensor | None],
-        budgets: torch.Tensor | None,
-        policy: DecodePolicy | None,
+        self, runner: Runner, kv: RunnerCache, logits: np.ndarray, compression: Compression, position: int
     ) -> None:
         self.runner = runner
-        self.cache = cache
+        self.kv = kv
         #: (V,) logits of the last fed token (after prefill: of the prompt's last token)
-        self.logits = logits
-        self.stats = stats
-        self.kept_indices = kept_indices
-        self.budgets = budgets
-        self.policy = policy
+        self.logits: np.ndarray = logits
+        self.compression = compression
+        self.stats: CompressionStats | None = compression.stats
         #: the next token's position: counts every token seen, never the cache length
-        self.position = stats.prompt_tokens
-        #: seconds of each :meth:`step`
-        self.step_seconds: list[float] = []
+        self.position = position
+
+    @property
+    def cache(self) -> Cache:
+        """The per-layer cache (empty once closed)."""
+        return self.kv.layers
+
+    @property
+    def kept_indices(self) -> list[torch.Tensor | None]:
+        return self.compression.kept_indices
+
+    @property
+    def budgets(self) -> torch.Tensor | None:
+        return self.compression.budgets
 
     def greedy(self) -> int:
         """argmax of the current logits."""
         return int(np.argmax(self.logits))
 
-    def step(self, token: int) -> np.ndarray:
-        """Append ``token`` at :attr:`position` in every layer, apply the decode policy; returns the new logits."""
-        t0 = time.perf_counter()
+    def step(self, token: int) -> None:
+        """Append ``token`` at :attr:`position` in every layer and apply the decode policy; updates :attr:`logits`."""
+        if not self.kv.layers:
+            raise RuntimeError("this generation state was closed")
         runner = self.runner
         embeds = runner.embed(np.array([[token]], dtype=np.int64))
-        out = runner.forward(embeds, np.array([[self.position]], dtype=np.int64), self.cache)
-        self.cache, self.logits = out.cache, out.logits[0]
+        out = runner.forward(embeds, np.array([[self.position]], dtype=np.int64), self.kv.layers)
+        self.kv.layers, self.logits = out.cache, out.logits[0]
         self.position += 1
-        if self.policy is not None:
-            self.stats.decode_evictions += _evict_step(runner, self.policy, out.queries, self.cache)
-        elapsed = time.perf_counter() - t0
-        self.step_seconds.append(elapsed)
-        self.stats.decode_seconds += elapsed
-        return self.logits
+        if self.compression.policy is not None:
+            scale = runner.spec.attention_scale
+            for layer in range(runner.spec.num_layers):
+                self.compression.decode_step(self.kv, layer, runner.to_torch(out.queries[layer]), scale)
+
+    def close(self) -> None:
+        """Drop the cache's buffers."""
+        self.kv.layers = []
 
 
 def prefill(
@@ -266,7 +217,7 @@ def prefill(
     *,
     max_new_tokens: int = 1,
 ) -> GenerationState:
-    """Encode the images, run the prompt, score, allocate budgets and compact (steps 1–3 above).
+    """Encode the images, run the prompt and compress it (steps 1–2 above).
 
     Args: as :func:`generate` (``max_new_tokens`` checks the export's ``max_input_len`` and sizes the
     KV buffers of runners that preallocate; stepping further still works, those buffers then grow).
@@ -286,49 +237,42 @@ def prefill(
 
     t0 = time.perf_counter()
     embeds = runner.embed(ids)
-    n_image = _merge_images(runner, ids, embeds, pixel_values)
+    _merge_images(runner, ids, embeds, pixel_values)
     layout = _layout(ids, spec.image_token_id)
     # room for the whole generation: `full` decodes in these buffers, compaction moves the kept entries out
     out = runner.forward(embeds, np.arange(m, dtype=np.int64)[None], runner.empty_cache(m + max_new_tokens))
     t1 = time.perf_counter()
 
-    cache = out.cache
-    before = _cache_bytes(runner, cache)
-    kept_indices: list[torch.Tensor | None] = [None] * spec.num_layers
-    budgets: torch.Tensor | None = None
-    weights: list[float | None] = []
-    policy: DecodePolicy | None = None
+    kv = RunnerCache(runner, out.cache, room=max_new_tokens)
+    compression = Compression(method, layout, spec.num_layers, backend=runner.backend)
     if method.compresses:
-        scores = _score(runner, out.queries, cache, config, method, layout)
-        weights = [s.weight for s in scores]
-        budgets = method.allocate(weights, layout)
-        policy = method.decode_policy(budgets, layout)
+        start = compression.query_start
         for layer in range(spec.num_layers):
-            k = int(budgets[layer])
-            if k >= m:
-                continue
-            kept = method.select(scores[layer].scores, k, layout)
-            cache[layer] = runner.compact_layer(cache[layer], kept, k + max_new_tokens)
-            kept_indices[layer] = kept
-            if policy is not None:
-                policy.set_protected(layer, kept)
-    t2 = time.perf_counter()
+            queries = runner.to_torch(out.queries[layer])[:, :, start:]
+            compression.score_layer(kv, layer, queries, kv.keys(layer), spec.attention_scale)
+    compression.scoring_seconds = time.perf_counter() - t1  # conversions included
+    compression.compress(kv, prefill_seconds=t1 - t0)
+    return GenerationState(runner, kv, out.logits[0], compression, position=m)
 
-    stats = RuntimeStats(
-        backend=runner.backend,
-        method=config.method,
-        budget=config.budget,
-        prompt_tokens=m,
-        image_tokens=n_image,
-        kept_per_layer=[kv.length for kv in cache],
-        kv_bytes_before=before,
-        kv_bytes_after=_cache_bytes(runner, cache),
-        kv_bytes_reserved=sum(runner.kv_reserved_bytes(kv) for kv in cache),
-        prefill_seconds=t1 - t0,
-        scoring_seconds=t2 - t1,
-        layer_weights=weights,
-    )
-    return GenerationState(runner, cache, out.logits[0], stats, kept_indices, budgets, policy)
+
+def stream(
+    runner: Runner,
+    input_ids: Any,
+    pixel_values: Any = None,
+    config: CompressionConfig | None = None,
+    *,
+    max_new_tokens: int = 32,
+    eos_token_id: int | Sequence[int] | None = None,
+    keep_logits: bool = False,
+) -> TokenStream:
+    """Prefill and compress now (errors raise here), then yield the greedy tokens one by one.
+
+    Args: as :func:`generate`; ``keep_logits`` records each token's (V,) logits in ``stream.logits``.
+    Closing the stream (or leaving ``with stream(...) as tokens:``) frees the KV buffers.
+    """
+    state = prefill(runner, input_ids, pixel_values, config, max_new_tokens=max_new_tokens)
+    stops = stop_ids(runner.spec.eos_token_id if eos_token_id is None else eos_token_id)
+    return TokenStream(state, max_new_tokens=max_new_tokens, stop=stops, keep_logits=keep_logits)
 
 
 def generate(
@@ -342,7 +286,7 @@ def generate(
     on_token: Callable[[int], None] | None = None,
     return_logits: bool = False,
 ) -> RuntimeResult:
-    """Greedy generation with KV compression on any runner.
+    """Greedy generation with KV compression on any runner (the tokens of :func:`stream`, collected).
 
     Args:
         runner: a loaded backend (:func:`vlcache.runtime.load_runtime`).
@@ -355,19 +299,19 @@ def generate(
         on_token: called with each generated id as soon as it is chosen (streaming).
         return_logits: also return every generated step's logits.
     """
-    seq = prefill(runner, input_ids, pixel_values, config, max_new_tokens=max_new_tokens)
-    stops = _eos(eos_token_id, runner.spec.eos_token_id)
-    tokens: list[int] = []
-    logits_out: list[np.ndarray] | None = [] if return_logits else None
-    while True:
-        token = seq.greedy()
-        tokens.append(token)
-        if logits_out is not None:
-            logits_out.append(np.array(seq.logits, copy=True))
-        if on_token is not None:
-            on_token(token)
-        if len(tokens) >= max_new_tokens or token in stops:
-            break
-        seq.step(token)
-    seq.stats.new_tokens = len(tokens)
-    return RuntimeResult(tokens, seq.stats, seq.kept_indices, seq.budgets, logits_out)
+    with stream(
+        runner,
+        input_ids,
+        pixel_values,
+        config,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos_token_id,
+        keep_logits=return_logits,
+    ) as tokens:
+        for token in tokens:
+            if on_token is not None:
+                on_token(token)
+        state = tokens.decoder
+        assert isinstance(state, GenerationState) and state.stats is not None
+        kept, budgets, stats = state.kept_indices, state.budgets, state.stats
+    return RuntimeResult(tokens.tokens, stats, kept, budgets, tokens.logits, tokens.finish_reason)

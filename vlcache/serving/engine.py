@@ -5,8 +5,9 @@ Contract of an :class:`Engine` (any backend):
   runs one greedy generation with KV compression, batch size 1. ``budget`` / ``method`` override the
   build's compression config for this call only. ``on_text(delta)`` is called with each new piece of
   text as soon as it is decoded (the concatenation of all deltas is the decoded answer, special
-  tokens dropped); ``cancelled()`` is polled once per generated token and stops the generation when
-  it returns True. Returns the stats dict of :data:`vlcache.serving.protocol.STATS_KEYS`.
+  tokens dropped); ``cancelled()`` is polled after each generated token that does not end the answer
+  and stops the generation when it returns True (the token stream is closed: its KV cache is freed
+  at once). Returns the stats dict of :data:`vlcache.serving.protocol.STATS_KEYS`.
 * A prompt longer than the build's ``max_input_len`` (in tokens, image tokens included) raises
   :class:`~vlcache.serving.request.InvalidRequest` before anything runs.
 * One generation at a time per engine (a lock serialises calls): the torch backend installs hooks on
@@ -20,7 +21,8 @@ template, else ``plain``.
 
 :func:`load_engine` dispatches on ``manifest.backend``: ``torch`` is :class:`TorchEngine`
 (transformers + :mod:`vlcache.hf`); ``onnx`` and ``tensorrt`` are :class:`RuntimeEngine` over the graphs
-run by :mod:`vlcache.runtime`. Both satisfy :class:`Engine`.
+run by :mod:`vlcache.runtime`. Both satisfy :class:`Engine`, and both iterate the one token stream
+(:class:`vlcache.stream.TokenStream`, from :func:`vlcache.hf.stream` / :func:`vlcache.runtime.stream`).
 """
 
 from __future__ import annotations
@@ -29,13 +31,16 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from PIL import Image
 
 from vlcache.artifact import ENGINES_DIR, ArtifactError, Manifest, read_manifest, verify_artifact
 from vlcache.config import CompressionConfig
 from vlcache.serving.request import InvalidRequest
+
+if TYPE_CHECKING:
+    from vlcache.stream import TokenStream
 
 PROMPT_STYLES = ("auto", "plain", "chat")
 
@@ -80,11 +85,10 @@ def resolve_config(default: CompressionConfig, budget: float | None, method: str
 
 
 class TextDeltas:
-    """A transformers streamer: decodes the generated ids so far and hands on the new text.
+    """Decodes the generated ids so far and hands on the new text (:meth:`add` one token at a time).
 
-    The first ``put`` (the prompt) is skipped and timed as the start; ``first_token_time`` and
-    ``last_token_time`` are ``time.perf_counter()`` stamps of the first and last generated token.
-    Text ending in an incomplete character (U+FFFD) is held back until the next token completes it.
+    Text ending in an incomplete character (U+FFFD) is held back until the next token completes it;
+    :meth:`end` flushes what is left.
     """
 
     def __init__(self, tokenizer: Any, on_text: TextCallback | None) -> None:
@@ -92,21 +96,9 @@ class TextDeltas:
         self.on_text = on_text
         self.ids: list[int] = []
         self.emitted = ""
-        self.prompt_seen = False
-        self.start_time: float | None = None
-        self.first_token_time: float | None = None
-        self.last_token_time: float | None = None
 
-    def put(self, value: Any) -> None:
-        now = time.perf_counter()
-        if not self.prompt_seen:
-            self.prompt_seen = True
-            self.start_time = now
-            return
-        if self.first_token_time is None:
-            self.first_token_time = now
-        self.last_token_time = now
-        self.ids.extend(int(t) for t in value.reshape(-1).tolist())
+    def add(self, token: int) -> None:
+        self.ids.append(int(token))
         self._emit(final=False)
 
     def end(self) -> None:
@@ -172,6 +164,42 @@ class _ProcessorEngine:
             )
         return dict(batch)
 
+    def _serve(
+        self,
+        open_stream: Callable[[], TokenStream],
+        config: CompressionConfig,
+        on_text: TextCallback | None,
+        cancelled: CancelledCallback | None,
+    ) -> dict[str, Any]:
+        """Iterate the token stream ``open_stream()`` returns (it prefills): stream the text, poll
+        ``cancelled`` after each token that does not end the answer (True: close the stream, which
+        frees its cache), and return the stats."""
+        deltas = TextDeltas(self.tokenizer, on_text)
+        with self._lock:
+            start = time.perf_counter()
+            first: float | None = None
+            last: float | None = None
+            with open_stream() as tokens:
+                for token in tokens:
+                    last = time.perf_counter()
+                    first = first or last
+                    deltas.add(token)
+                    if tokens.finish_reason is None and cancelled is not None and cancelled():
+                        tokens.close()
+            deltas.end()
+        end = time.perf_counter()
+        first = first or end
+        assert tokens.stats is not None and tokens.finish_reason is not None
+        return _stats(
+            self.backend,
+            config,
+            tokens.stats,
+            len(tokens.tokens),
+            tokens.finish_reason,
+            first - start,
+            (last or first) - first,
+        )
+
 
 def _stats(
     backend: str, config: CompressionConfig, stats: Any, output_tokens: int, finish: str, prefill: float, decode: float
@@ -227,51 +255,12 @@ class TorchEngine(_ProcessorEngine):
         on_text: TextCallback | None = None,
         cancelled: CancelledCallback | None = None,
     ) -> dict[str, Any]:
-        import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
-
-        import vlcache
+        from vlcache.hf.generation import stream
 
         config = resolve_config(self.default_config, budget, method)
         inputs = self.prepare(image, prompt)
-        was_cancelled = False
-
-        class _Cancel(StoppingCriteria):
-            def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
-                nonlocal was_cancelled
-                was_cancelled = was_cancelled or bool(cancelled is not None and cancelled())
-                return torch.full((input_ids.shape[0],), was_cancelled, dtype=torch.bool)  # type: ignore[return-value]
-
-        streamer = TextDeltas(self.tokenizer, on_text)
-        with self._lock:
-            t0 = time.perf_counter()
-            result = vlcache.generate(
-                self.loaded.model,
-                inputs,
-                config,
-                max_new_tokens=max_tokens,
-                streamer=streamer,
-                stopping_criteria=StoppingCriteriaList([_Cancel()]),
-            )
-            t_end = time.perf_counter()
-        new = result.new_tokens.tolist()
-        eos = self.loaded.eos_token_id
-        if was_cancelled:
-            finish = "cancelled"
-        elif new and eos is not None and new[-1] == eos:
-            finish = "stop"
-        else:
-            finish = "length"
-        first = streamer.first_token_time or t_end
-        start = streamer.start_time or t0
-        return _stats(
-            self.backend,
-            config,
-            result.stats,
-            len(new),
-            finish,
-            first - start,
-            (streamer.last_token_time or first) - first,
+        return self._serve(
+            lambda: stream(self.loaded.model, inputs, config, max_new_tokens=max_tokens), config, on_text, cancelled
         )
 
 
@@ -317,50 +306,25 @@ class RuntimeEngine(_ProcessorEngine):
         on_text: TextCallback | None = None,
         cancelled: CancelledCallback | None = None,
     ) -> dict[str, Any]:
-        import torch
-
-        from vlcache.runtime import prefill
+        from vlcache.runtime import stream
 
         config = resolve_config(self.default_config, budget, method)
         batch = self.tokenize(image, prompt)
-        streamer = TextDeltas(self.tokenizer, on_text)
-        tokens: list[int] = []
-        finish = "length"
-        with self._lock:
-            streamer.put(batch["input_ids"])  # marks the start
+
+        def open_stream() -> TokenStream:
             try:
-                seq = prefill(
-                    self.runner, batch["input_ids"], batch.get("pixel_values"), config, max_new_tokens=max_tokens
+                return stream(
+                    self.runner,
+                    batch["input_ids"],
+                    batch.get("pixel_values"),
+                    config,
+                    max_new_tokens=max_tokens,
+                    eos_token_id=self.eos,
                 )
             except ValueError as e:  # e.g. prompt + max_tokens beyond the export's max_input_len
                 raise InvalidRequest(str(e)) from None
-            while True:
-                token = seq.greedy()
-                tokens.append(token)
-                streamer.put(torch.tensor([token]))
-                if token in self.eos:
-                    finish = "stop"
-                    break
-                if len(tokens) >= max_tokens:
-                    break
-                if cancelled is not None and cancelled():
-                    finish = "cancelled"
-                    break
-                seq.step(token)
-            streamer.end()
-        t_end = time.perf_counter()
-        first = streamer.first_token_time or t_end
-        start = streamer.start_time or first
-        seq.stats.new_tokens = len(tokens)
-        return _stats(
-            self.backend,
-            config,
-            seq.stats,
-            len(tokens),
-            finish,
-            first - start,
-            (streamer.last_token_time or first) - first,
-        )
+
+        return self._serve(open_stream, config, on_text, cancelled)
 
 
 def load_engine(

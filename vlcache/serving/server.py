@@ -13,7 +13,9 @@ Contract:
   then the caller's; the running interpreter's ``bin`` first on ``PATH`` (the stub's embedded Python
   finds its prefix, venv included, from the ``python3`` on PATH). That environment must have
   numpy < 2: with numpy 2 the stub hands the model zeros.
-* The server binds to 127.0.0.1 only (HTTP, gRPC, metrics); a port of 0 means a free one.
+* The server binds to 127.0.0.1 only (HTTP, gRPC, metrics) unless ``host`` says otherwise (``0.0.0.0``
+  inside a container image: docker/Dockerfile); a port of 0 means a free one (on ``host``). The
+  readiness probe and :attr:`TritonServer.url` use 127.0.0.1 when ``host`` is a wildcard address.
   ``start`` returns once ``/v2/models/vlcache/ready`` answers 200, or raises
   :class:`~vlcache.errors.UserError` with the tail of the server's log when the process exits or
   the timeout passes (every failure to find, prepare or start the server is a UserError: the
@@ -44,6 +46,8 @@ from vlcache.errors import UserError
 from vlcache.serving import protocol
 
 HOST = "127.0.0.1"
+#: bind addresses that mean "every interface": the server is then reached on 127.0.0.1 from inside
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 LOG_TAIL_LINES = 40
 
 
@@ -106,11 +110,17 @@ def server_env(binary: Path) -> dict[str, str]:
     return env
 
 
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
+def free_port(host: str = HOST) -> int:
+    """A TCP port free on ``host`` (default 127.0.0.1) right now."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def connect_host(host: str) -> str:
+    """The address a local client uses to reach a server bound to ``host``."""
+    return HOST if host in WILDCARD_HOSTS else host
 
 
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
@@ -122,7 +132,7 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
 
 
 class TritonServer:
-    """A ``tritonserver`` process serving ``repository`` on 127.0.0.1; a context manager.
+    """A ``tritonserver`` process serving ``repository`` on ``host`` (127.0.0.1); a context manager.
 
     Example::
 
@@ -140,15 +150,17 @@ class TritonServer:
         startup_timeout: float = 300.0,
         tritonserver: str | Path | None = None,
         workdir: str | Path | None = None,
+        host: str = HOST,
     ) -> None:
         self.repository = Path(repository).resolve()
         if not (self.repository / protocol.MODEL_NAME / "config.pbtxt").is_file():
             raise UserError(
                 f"{self.repository} is not a vlcache model repository (no {protocol.MODEL_NAME}/config.pbtxt)"
             )
-        self.grpc_port = grpc_port or free_port()
-        self.http_port = http_port or free_port()
-        self.metrics_port = metrics_port or free_port()
+        self.host = host
+        self.grpc_port = grpc_port or free_port(host or "0.0.0.0")
+        self.http_port = http_port or free_port(host or "0.0.0.0")
+        self.metrics_port = metrics_port or free_port(host or "0.0.0.0")
         self.startup_timeout = startup_timeout
         self.binary = Path(tritonserver) if tritonserver else find_tritonserver()
         self._own_workdir = workdir is None
@@ -187,19 +199,19 @@ class TritonServer:
 
     @property
     def url(self) -> str:
-        """``host:port`` of the gRPC endpoint."""
-        return f"{HOST}:{self.grpc_port}"
+        """``host:port`` of the gRPC endpoint (127.0.0.1 when bound to every interface)."""
+        return f"{connect_host(self.host)}:{self.grpc_port}"
 
     def command(self, backends: Path) -> list[str]:
         return [
             str(self.binary),
             f"--model-repository={self.repository}",
             f"--backend-directory={backends}",
-            f"--grpc-address={HOST}",
+            f"--grpc-address={self.host}",
             f"--grpc-port={self.grpc_port}",
-            f"--http-address={HOST}",
+            f"--http-address={self.host}",
             f"--http-port={self.http_port}",
-            f"--metrics-address={HOST}",
+            f"--metrics-address={self.host}",
             f"--metrics-port={self.metrics_port}",
             "--allow-gpu-metrics=false",
             "--exit-timeout-secs=15",
@@ -229,7 +241,9 @@ class TritonServer:
         return self
 
     def ready(self) -> bool:
-        url = f"http://{HOST}:{self.http_port}/v2/models/{protocol.MODEL_NAME}/ready"
+        host = connect_host(self.host)
+        host = f"[{host}]" if ":" in host else host
+        url = f"http://{host}:{self.http_port}/v2/models/{protocol.MODEL_NAME}/ready"
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
                 return bool(response.status == 200)
@@ -315,9 +329,12 @@ def serve(
     try:
         say(f"starting tritonserver on {server.repository} (log {server.log_path})")
         server.start()
+        local = server.url.rsplit(":", 1)[0]  # where a client on this machine reaches it
+        bound = getattr(server, "host", HOST)
         say(
-            f"ready: gRPC {server.url}, HTTP {HOST}:{server.http_port}, "
-            f"metrics {HOST}:{server.metrics_port}; Ctrl-C to stop"
+            f"ready: gRPC {server.url}, HTTP {local}:{server.http_port}, metrics {local}:{server.metrics_port}"
+            + ("" if bound == local else f" (bound to {bound or '0.0.0.0'})")
+            + "; Ctrl-C to stop"
         )
         while server.running():
             time.sleep(0.5)

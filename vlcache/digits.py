@@ -12,6 +12,10 @@ Rows and columns count from 0, top-left. Everything is deterministic from ``(spl
 The digit images are split once (fixed permutation) into train / val / test pools of 70 / 15 / 15 %
 that never share an image, whatever the seed.
 
+A neutral module (numpy and Pillow; scikit-learn loads the digit images on first use): the eval
+harness, ``vlcache-bench`` (its default requests) and ``vlcache-generate`` (``--image digits:N``) all
+take their scenes from here.
+
 Prompts end with ``?``; a model answers ``= <answer>``. The ``=`` is generated from the prefill
 logits; the answer token itself is decoded from the (compressed) cache, so compression shows in it.
 """
@@ -60,7 +64,12 @@ class Sample:
 
 @lru_cache(maxsize=1)
 def _digits() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise ImportError(
+            "the digits scenes need scikit-learn's digit images: pip install scikit-learn (or 'vlcache[eval]')"
+        ) from None
 
     d = load_digits()
     return d.images.astype(np.float32), d.target.astype(np.int64)
