@@ -429,6 +429,12 @@ def _probe_loss(hidden, probe, batch, lab, at, routed, routed_heads, counted, co
     return torch.stack(losses).mean(), right / n
 
 
+def running_mean(mean: float, value: float) -> float:
+    """The progress bar's running mean of an aid's mass or accuracy; a NaN ``value`` (a batch
+    without a question the aid acts on) leaves it as it is."""
+    return mean if math.isnan(value) else 0.9 * mean + 0.1 * value
+
+
 def curriculum_mix(step, args):
     if step < args.lookup_only_steps:
         return {"lookup": 1.0}
@@ -740,46 +746,21 @@ def main() -> None:
         if args.route_steps:
             hold = min(args.route_hold, args.route_steps)
             aid = min(1.0, max(0.0, (args.route_steps - step) / max(1, args.route_steps - hold)))
+        aid_options = {"count": args.count_aid, "at": args.aid_at, "pairs": args.pair_aids}  # shared by the aids
         if aid > 0 and args.route_loss > 0:
             r_loss, r_mass = routing_loss(
-                out.attentions[args.route_layer],
-                batch,
-                ids,
-                lab,
-                image_token_id,
-                count=args.count_aid,
-                at=args.aid_at,
-                pairs=args.pair_aids,
+                out.attentions[args.route_layer], batch, ids, lab, image_token_id, **aid_options
             )
             loss = loss + aid * args.route_loss * r_loss
-            if not math.isnan(r_mass):
-                route_mass = 0.9 * route_mass + 0.1 * r_mass
+            route_mass = running_mean(route_mass, r_mass)
         if aid > 0 and args.gather_loss > 0:
-            g_loss, g_acc = gather_loss(
-                out.hidden_states[args.route_layer],
-                probe,
-                batch,
-                lab,
-                count=args.count_aid,
-                at=args.aid_at,
-                pairs=args.pair_aids,
-            )
+            g_loss, g_acc = gather_loss(out.hidden_states[args.route_layer], probe, batch, lab, **aid_options)
             loss = loss + aid * args.gather_loss * g_loss
-            if not math.isnan(g_acc):
-                gather_acc = 0.9 * gather_acc + 0.1 * g_acc
+            gather_acc = running_mean(gather_acc, g_acc)
         if aid > 0 and args.readout_loss > 0:
-            o_loss, o_acc = readout_loss(
-                out.hidden_states[args.route_layer + 1],
-                reader,
-                batch,
-                lab,
-                count=args.count_aid,
-                at=args.aid_at,
-                pairs=args.pair_aids,
-            )
+            o_loss, o_acc = readout_loss(out.hidden_states[args.route_layer + 1], reader, batch, lab, **aid_options)
             loss = loss + aid * args.readout_loss * o_loss
-            if not math.isnan(o_acc):
-                readout_acc = 0.9 * readout_acc + 0.1 * o_acc
+            readout_acc = running_mean(readout_acc, o_acc)
         with torch.no_grad():  # running accuracy of the answer token on lookup questions
             hits = [
                 float(out.logits[b, pos[1] - 1].argmax() == lab[b, pos[1]])

@@ -21,6 +21,7 @@ Contract:
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import queue
@@ -178,6 +179,48 @@ def _chunk(result: Any, now: float) -> Chunk:
     return Chunk(text, now, final, stats)
 
 
+def _tritonclient(module: str) -> Any:
+    """``tritonclient.grpc`` or ``tritonclient.grpc.aio``; ClientError when the serve extra is missing."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ClientError("tritonclient is not installed: pip install 'vlcache[serve]'") from None
+
+
+class _Request:
+    """The protocol side of one request, shared by both clients: its inputs (:func:`build_inputs`),
+    id and deadline (``timeout`` seconds from now), and each response turned into a :class:`Chunk`
+    (``finished`` once the final response, or an error, came: a request left unfinished is cancelled)."""
+
+    def __init__(self, inputs: list[Any], request_id: str | None, timeout: float, url: str) -> None:
+        self.inputs = inputs
+        self.id = request_id or uuid.uuid4().hex
+        self.timeout = timeout
+        self.deadline = time.perf_counter() + timeout
+        self.url = url
+        self.finished = False
+
+    def remaining(self) -> float:
+        """Seconds left before the deadline (0 once past it)."""
+        return max(self.deadline - time.perf_counter(), 0.0)
+
+    def timed_out(self) -> RequestTimeout:
+        return RequestTimeout(f"request {self.id}: no final response within {self.timeout:g} s")
+
+    def receive(self, result: Any, error: Any, now: float) -> Chunk:
+        """The chunk of one response received at ``now``; an error the stream reported is raised as
+        the client's exception (a transport status as :func:`_rpc_error` maps it, else the server's
+        message as :func:`server_error` does)."""
+        if error is not None:
+            self.finished = True
+            if "StatusCode." in str(getattr(error, "status", lambda: "")() or ""):
+                raise _rpc_error(error, self.url)
+            raise server_error(str(error.message() if callable(getattr(error, "message", None)) else error))
+        chunk = _chunk(result, now)
+        self.finished = chunk.final
+        return chunk
+
+
 class _Assembler:
     """Builds a Generation from the chunks of one request."""
 
@@ -222,12 +265,8 @@ class Client:
     """Synchronous client (see the module docstring). ``url`` is ``host:port`` of Triton's gRPC endpoint."""
 
     def __init__(self, url: str = DEFAULT_URL, *, timeout: float = 300.0, model: str = protocol.MODEL_NAME) -> None:
-        try:
-            import tritonclient.grpc as grpcclient
-        except ImportError:
-            raise ClientError("tritonclient is not installed: pip install 'vlcache[serve]'") from None
+        self._grpc = _tritonclient("tritonclient.grpc").InferenceServerClient(url)
         self.url, self.timeout, self.model = url, timeout, model
-        self._grpc = grpcclient.InferenceServerClient(url)
         self._lock = threading.Lock()
 
     def ready(self) -> bool:
@@ -257,39 +296,26 @@ class Client:
     ) -> Iterator[Chunk]:
         """Yield the request's responses as they arrive (the last one has ``final=True``)."""
         inputs = build_inputs(image, prompt, max_tokens, budget, method)
-        request_id = request_id or uuid.uuid4().hex
+        request = _Request(inputs, request_id, self.timeout if timeout is None else timeout, self.url)
         events: queue.Queue[tuple[Any, Any, float]] = queue.Queue()
-        deadline = time.perf_counter() + (self.timeout if timeout is None else timeout)
         with self._lock:
             try:
                 self._grpc.start_stream(callback=lambda result, error: events.put((result, error, time.perf_counter())))
             except Exception as e:
                 raise _rpc_error(e, self.url) from None
-            finished = False
             try:
                 self._grpc.async_stream_infer(
-                    self.model, inputs, request_id=request_id, enable_empty_final_response=True
+                    self.model, request.inputs, request_id=request.id, enable_empty_final_response=True
                 )
-                while True:
-                    remaining = deadline - time.perf_counter()
+                while not request.finished:
                     try:
-                        result, error, now = events.get(timeout=max(remaining, 0.0))
+                        result, error, now = events.get(timeout=request.remaining())
                     except queue.Empty:
-                        raise RequestTimeout(f"request {request_id}: no final response within the timeout") from None
-                    if error is not None:
-                        finished = True
-                        message = str(error.message() if callable(getattr(error, "message", None)) else error)
-                        if "StatusCode." in str(getattr(error, "status", lambda: "")() or ""):
-                            raise _rpc_error(error, self.url)
-                        raise server_error(message)
-                    chunk = _chunk(result, now)
-                    finished = chunk.final
-                    yield chunk
-                    if finished:
-                        return
+                        raise request.timed_out() from None
+                    yield request.receive(result, error, now)
             finally:
                 try:
-                    self._grpc.stop_stream(cancel_requests=not finished)
+                    self._grpc.stop_stream(cancel_requests=not request.finished)
                 except Exception:
                     pass
 
@@ -327,12 +353,8 @@ class AsyncClient:
     """asyncio client: each request on its own gRPC stream, any number concurrently."""
 
     def __init__(self, url: str = DEFAULT_URL, *, timeout: float = 300.0, model: str = protocol.MODEL_NAME) -> None:
-        try:
-            import tritonclient.grpc.aio as grpcaio
-        except ImportError:
-            raise ClientError("tritonclient is not installed: pip install 'vlcache[serve]'") from None
+        self._grpc = _tritonclient("tritonclient.grpc.aio").InferenceServerClient(url)
         self.url, self.timeout, self.model = url, timeout, model
-        self._grpc = grpcaio.InferenceServerClient(url)
 
     async def ready(self) -> bool:
         try:
@@ -355,49 +377,36 @@ class AsyncClient:
         import asyncio
 
         inputs = build_inputs(image, prompt, max_tokens, budget, method)
-        request_id = request_id or uuid.uuid4().hex
-        request = {
-            "model_name": self.model,
-            "inputs": inputs,
-            "request_id": request_id,
-            "enable_empty_final_response": True,
-        }
+        request = _Request(inputs, request_id, self.timeout if timeout is None else timeout, self.url)
 
         async def requests() -> AsyncIterator[dict[str, Any]]:
-            yield request
+            yield {
+                "model_name": self.model,
+                "inputs": request.inputs,
+                "request_id": request.id,
+                "enable_empty_final_response": True,
+            }
 
-        limit = self.timeout if timeout is None else timeout
-        deadline = time.perf_counter() + limit
         try:
             responses = self._grpc.stream_infer(requests())
         except Exception as e:
             raise _rpc_error(e, self.url) from None
-        finished = False
         try:
             iterator = responses.__aiter__()
-            while True:
-                remaining = max(deadline - time.perf_counter(), 0.0)
+            while not request.finished:
                 try:
-                    result, error = await asyncio.wait_for(iterator.__anext__(), timeout=remaining)
+                    result, error = await asyncio.wait_for(iterator.__anext__(), timeout=request.remaining())
                 except StopAsyncIteration:
-                    raise ServerError(f"request {request_id}: the stream ended without a final response") from None
+                    raise ServerError(f"request {request.id}: the stream ended without a final response") from None
                 except asyncio.TimeoutError:
-                    raise RequestTimeout(f"request {request_id}: no final response within {limit:.0f} s") from None
+                    raise request.timed_out() from None
                 except ClientError:
                     raise
                 except Exception as e:
                     raise _rpc_error(e, self.url) from None
-                now = time.perf_counter()
-                if error is not None:
-                    finished = True
-                    raise server_error(str(error.message() if callable(getattr(error, "message", None)) else error))
-                chunk = _chunk(result, now)
-                finished = chunk.final
-                yield chunk
-                if finished:
-                    return
+                yield request.receive(result, error, time.perf_counter())
         finally:
-            if not finished:
+            if not request.finished:
                 responses.cancel()
 
     async def generate(

@@ -55,14 +55,20 @@ def chunk_logits(queries: torch.Tensor, keys_t: torch.Tensor, row_start: int, sc
     return logits.view(b, h_q, c, m)
 
 
-def _prepare(
+def _iter_logits(
     queries: torch.Tensor, keys: torch.Tensor, query_start: int, scale: float | None, chunk_size: int
-) -> tuple[int, float, torch.Tensor]:
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield ``(row_offset, logits)``: :func:`chunk_logits` of each chunk of ``chunk_size`` query rows
+    (shapes checked, ``scale`` defaulted and the keys transposed once, on the first ``next``)."""
     group, _ = _check_shapes(queries, keys, query_start)
     if chunk_size < 1:
         raise ValueError("chunk_size must be >= 1")
     scale = 1.0 / math.sqrt(queries.shape[-1]) if scale is None else scale
-    return group, scale, keys.float().transpose(-1, -2)
+    keys_t = keys.float().transpose(-1, -2)
+    n = queries.shape[2]
+    for lo in range(0, n, chunk_size):
+        hi = min(lo + chunk_size, n)
+        yield lo, chunk_logits(queries[:, :, lo:hi], keys_t, query_start + lo, scale, group)
 
 
 def iter_attention_chunks(
@@ -86,11 +92,7 @@ def iter_attention_chunks(
         row_offset: index (into ``queries``) of the chunk's first row.
         probs: (B, H_q, c, m) float32 softmax over keys, exactly 0 where the causal mask hides a key.
     """
-    group, scale, keys_t = _prepare(queries, keys, query_start, scale, chunk_size)
-    n = queries.shape[2]
-    for lo in range(0, n, chunk_size):
-        hi = min(lo + chunk_size, n)
-        logits = chunk_logits(queries[:, :, lo:hi], keys_t, query_start + lo, scale, group)
+    for lo, logits in _iter_logits(queries, keys, query_start, scale, chunk_size):
         yield lo, torch.softmax(logits, dim=-1)
 
 
@@ -106,11 +108,7 @@ def iter_unnormalised_chunks(
     ``e = exp(logits − rowmax)`` (B, H_q, c, m) in [0, 1] (the row max is exactly 1) and ``z`` its
     row sums (B, H_q, c, 1), so ``probs = e / z``. Saves a full pass when only ratios to the row
     max (thresholds) and weighted column sums are needed."""
-    group, scale, keys_t = _prepare(queries, keys, query_start, scale, chunk_size)
-    n = queries.shape[2]
-    for lo in range(0, n, chunk_size):
-        hi = min(lo + chunk_size, n)
-        e = chunk_logits(queries[:, :, lo:hi], keys_t, query_start + lo, scale, group)
+    for lo, e in _iter_logits(queries, keys, query_start, scale, chunk_size):
         e.sub_(e.amax(dim=-1, keepdim=True)).exp_()
         yield lo, e, e.sum(dim=-1, keepdim=True)
 

@@ -116,7 +116,8 @@ class TextDeltas:
 
 
 class _ProcessorEngine:
-    """What every backend shares: the artifact's processor, prompt formatting, the length check."""
+    """What every backend shares: the artifact's processor, prompt formatting, the length check, and
+    :meth:`generate` over the token stream a backend's :meth:`_opener` prepares."""
 
     backend = "base"
 
@@ -163,6 +164,29 @@ class _ProcessorEngine:
                 f"prompt is {length} tokens (image tokens included), above this build's max_input_len {self.max_input_len}"
             )
         return dict(batch)
+
+    def generate(
+        self,
+        image: Image.Image,
+        prompt: str,
+        *,
+        max_tokens: int,
+        budget: float | None = None,
+        method: str | None = None,
+        on_text: TextCallback | None = None,
+        cancelled: CancelledCallback | None = None,
+    ) -> dict[str, Any]:
+        """One generation (see the module docstring): the build's config with this call's overrides,
+        the backend's request (:meth:`_opener`), then its token stream served by :meth:`_serve`."""
+        config = resolve_config(self.default_config, budget, method)
+        return self._serve(self._opener(image, prompt, config, max_tokens), config, on_text, cancelled)
+
+    def _opener(
+        self, image: Image.Image, prompt: str, config: CompressionConfig, max_tokens: int
+    ) -> Callable[[], TokenStream]:
+        """The backend's part: check and prepare the request now (InvalidRequest when it cannot
+        run), and return what opens its token stream (which prefills)."""
+        raise NotImplementedError
 
     def _serve(
         self,
@@ -244,24 +268,13 @@ class TorchEngine(_ProcessorEngine):
 
         return move_inputs(self.tokenize(image, prompt), self.loaded.device, self.loaded.dtype)
 
-    def generate(
-        self,
-        image: Image.Image,
-        prompt: str,
-        *,
-        max_tokens: int,
-        budget: float | None = None,
-        method: str | None = None,
-        on_text: TextCallback | None = None,
-        cancelled: CancelledCallback | None = None,
-    ) -> dict[str, Any]:
+    def _opener(
+        self, image: Image.Image, prompt: str, config: CompressionConfig, max_tokens: int
+    ) -> Callable[[], TokenStream]:
         from vlcache.hf.generation import stream
 
-        config = resolve_config(self.default_config, budget, method)
         inputs = self.prepare(image, prompt)
-        return self._serve(
-            lambda: stream(self.loaded.model, inputs, config, max_new_tokens=max_tokens), config, on_text, cancelled
-        )
+        return lambda: stream(self.loaded.model, inputs, config, max_new_tokens=max_tokens)
 
 
 def runner_options(backend: str, device: str | None, threads: int) -> dict[str, Any]:
@@ -295,20 +308,11 @@ class RuntimeEngine(_ProcessorEngine):
             raise ArtifactError(f"cannot load the {manifest.backend} graphs in {folder}: {e}") from None
         self.eos = {int(e) for e in self.runner.spec.eos_token_id}
 
-    def generate(
-        self,
-        image: Image.Image,
-        prompt: str,
-        *,
-        max_tokens: int,
-        budget: float | None = None,
-        method: str | None = None,
-        on_text: TextCallback | None = None,
-        cancelled: CancelledCallback | None = None,
-    ) -> dict[str, Any]:
+    def _opener(
+        self, image: Image.Image, prompt: str, config: CompressionConfig, max_tokens: int
+    ) -> Callable[[], TokenStream]:
         from vlcache.runtime import stream
 
-        config = resolve_config(self.default_config, budget, method)
         batch = self.tokenize(image, prompt)
 
         def open_stream() -> TokenStream:
@@ -324,7 +328,7 @@ class RuntimeEngine(_ProcessorEngine):
             except ValueError as e:  # e.g. prompt + max_tokens beyond the export's max_input_len
                 raise InvalidRequest(str(e)) from None
 
-        return self._serve(open_stream, config, on_text, cancelled)
+        return open_stream
 
 
 def load_engine(
