@@ -30,7 +30,8 @@ ALIASES = {"llava", "llava-next", "llava-tiny", "llava-tiny-late"}
 # Run by the fresh environment's python, from a folder outside the checkout, in isolated mode (-I:
 # no PYTHONPATH, no current directory on sys.path): a vlcache-build of the llava-tiny alias with the
 # torch backend (profile -> bundled model -> artifact with its Triton repository), then a second
-# rendering of the templates through the public render_repository.
+# rendering of the templates through the public render_repository, then a build with the trtllm
+# backend (TensorRT-LLM's llmapi repository, from its own templates).
 CHECK = """
 import json, sys
 from pathlib import Path
@@ -47,12 +48,14 @@ profiles = available_profiles()
 plan = make_plan("llava-tiny", BuildConfig(backend="torch"), out / "artifact")
 build(plan, progress=lambda line: None)
 repo = render_repository(out / "artifact", out=out / "repo", instances=2)
+build(make_plan("llava-tiny", BuildConfig(backend="trtllm"), out / "trtllm"), progress=lambda line: None)
 print(json.dumps({
     "vlcache": vlcache.__file__,
     "vlcache_plugins": vlcache_plugins.__file__,
     "sys_path": sys.path,
     "profiles": {name: str(p.path) for name, p in profiles.items()},
     "templates": str(templates_dir()),
+    "trtllm_templates": str(templates_dir() / "tensorrt_llm"),
     "model": [plan.source.kind, str(plan.source.path)],
     "repo": str(repo),
 }))
@@ -134,6 +137,7 @@ def test_wheel_install_finds_profiles_templates_and_models(tmp_path: Path):
     assert ALIASES <= set(found["profiles"])
     assert all(_inside(p, purelib) for p in found["profiles"].values()), found["profiles"]
     assert _inside(found["templates"], purelib), found["templates"]
+    assert _inside(found["trtllm_templates"], purelib), found["trtllm_templates"]
     assert found["model"][0] == "bundled" and _inside(found["model"][1], purelib), found["model"]
     for repo in (elsewhere / "artifact" / "triton", Path(found["repo"])):
         config = (repo / "vlcache" / "config.pbtxt").read_text()
@@ -141,6 +145,13 @@ def test_wheel_install_finds_profiles_templates_and_models(tmp_path: Path):
         model_py = repo / "vlcache" / "1" / "model.py"
         assert model_py.read_bytes() == (REPO / "triton_repo" / "vlcache" / "1" / "model.py").read_bytes()
     assert "count: 2" in (Path(found["repo"]) / "vlcache" / "config.pbtxt").read_text()
+    trtllm = elsewhere / "trtllm" / "triton" / "tensorrt_llm"
+    assert (
+        "${" not in (trtllm / "config.pbtxt").read_text()
+        and "algorithm: vlcache" in (trtllm / "1" / "model.yaml").read_text()
+    )
+    model_py = (REPO / "triton_repo" / "tensorrt_llm" / "1" / "model.py").read_bytes()
+    assert (trtllm / "1" / "model.py").read_bytes() == model_py
     print(
         f"\npackaging: wheel {built - start:.1f} s, venv + install {installed - built:.1f} s, "
         f"build + render from the install {done - installed:.1f} s, total {done - start:.1f} s"

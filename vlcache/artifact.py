@@ -7,8 +7,11 @@ Layout (one source of truth for these names)::
       processor/      tokenizer + processor files (every backend)
       onnx/           backend "onnx": the exported graphs and export.json (:mod:`vlcache.export`)
       engines/        backend "tensorrt": TensorRT engines (and the ONNX graphs they came from)
-      hf/             backend "torch": a HF checkpoint folder (save_pretrained of model + processor)
-      triton/         the rendered Triton model repository (:func:`vlcache.serving.render_repository`)
+      hf/             backend "torch": a HF checkpoint folder (save_pretrained of model + processor);
+                      backend "trtllm": the source checkpoint's files, copied as they are
+      triton/         the rendered Triton model repository (:func:`vlcache.serving.render_repository`):
+                      the ``vlcache`` model, or for ``trtllm`` TensorRT-LLM's ``llmapi`` model
+                      (``tensorrt_llm/config.pbtxt``, ``tensorrt_llm/1/model.yaml``; docs/trtllm.md)
 
 ``manifest.json``: ``format``; ``created``; ``build`` (the :class:`~vlcache.config.BuildConfig`:
 backend, dtype, ``max_input_len``, ``max_batch_size``, ``compression`` — the default
@@ -46,9 +49,14 @@ from vlcache.errors import UserError
 
 MANIFEST = "manifest.json"
 HF_DIR, PROCESSOR_DIR, TRITON_DIR, ONNX_DIR, ENGINES_DIR = "hf", "processor", "triton", "onnx", "engines"
-PACKAGES = ("vlcache", "torch", "transformers", "onnx", "onnxruntime", "tensorrt", "triton")
+PACKAGES = ("vlcache", "torch", "transformers", "onnx", "onnxruntime", "tensorrt", "tensorrt_llm", "triton")
 #: packages whose major.minor must match at load time, per backend
-RUNTIME_PACKAGES = {"onnx": ("onnxruntime",), "tensorrt": ("tensorrt",), "torch": ("torch", "transformers")}
+RUNTIME_PACKAGES = {
+    "onnx": ("onnxruntime",),
+    "tensorrt": ("tensorrt",),
+    "torch": ("torch", "transformers"),
+    "trtllm": ("tensorrt_llm",),
+}
 
 
 class ArtifactError(ValueError, UserError):
@@ -69,7 +77,7 @@ class Manifest:
 
     @property
     def backend(self) -> str:
-        """``build.backend``: ``torch``, ``onnx`` or ``tensorrt``."""
+        """``build.backend``: ``torch``, ``onnx``, ``tensorrt`` or ``trtllm``."""
         return self.build.backend
 
     @property
@@ -173,8 +181,10 @@ def read_manifest(artifact_dir: str | Path) -> Manifest:
     )
     if not manifest.processor_dir.is_dir():
         raise ArtifactError(f"{root} has no {PROCESSOR_DIR}/ folder (tokenizer and processor files)")
-    if build.backend == "torch" and not (manifest.hf_dir / "config.json").is_file():
-        raise ArtifactError(f"{root}: backend 'torch' needs a HF checkpoint in {HF_DIR}/ (config.json missing)")
+    if build.backend in ("torch", "trtllm") and not (manifest.hf_dir / "config.json").is_file():
+        raise ArtifactError(
+            f"{root}: backend {build.backend!r} needs a HF checkpoint in {HF_DIR}/ (config.json missing)"
+        )
     return manifest
 
 

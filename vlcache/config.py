@@ -142,17 +142,18 @@ class CompressionConfig:
 # budget or method (one deployment, several quality tiers), so they do not change the compiled
 # graphs, but they are part of the artifact's identity and of its hash.
 
-#: What runs a model (DESIGN.md's "backend"): ONNX Runtime graphs, TensorRT engines, or the HF
-#: checkpoint in PyTorch. The names every other list of backends is made from.
-BACKENDS = ("onnx", "tensorrt", "torch")
+#: What runs a model (DESIGN.md's "backend"): ONNX Runtime graphs, TensorRT engines, the HF
+#: checkpoint in PyTorch, or the HF checkpoint in TensorRT-LLM's PyTorch backend (served by
+#: TensorRT-LLM's Triton model, :mod:`vlcache.trtllm`). The names every other list of backends is made from.
+BACKENDS = ("onnx", "tensorrt", "torch", "trtllm")
 #: What ``vlcache-build`` and :class:`BuildConfig` accept: a backend, or ``auto`` (resolved before
 #: the build, never stored).
 BUILD_BACKENDS = ("auto", *BACKENDS)
 #: What an artifact's manifest may name (``auto`` is resolved before anything is written).
 ARTIFACT_BACKENDS = BACKENDS
 #: What :func:`vlcache.runtime.load_runtime` opens from an export directory: the backends that run
-#: exported graphs (``torch`` runs the checkpoint itself, not an export), or ``auto``.
-RUNTIME_BACKENDS = ("auto", *(b for b in BACKENDS if b != "torch"))
+#: exported graphs (``torch`` and ``trtllm`` run the checkpoint itself, not an export), or ``auto``.
+RUNTIME_BACKENDS = ("auto", *(b for b in BACKENDS if b not in ("torch", "trtllm")))
 #: Weight and activation dtypes, by their torch names (``getattr(torch, name)``).
 DTYPES = ("float32", "float16", "bfloat16")
 #: Bump when the artifact layout or the meaning of a field changes.
@@ -164,8 +165,9 @@ ARTIFACT_FORMAT = 3  # 2: the build config is the one source (no top-level copie
 class BuildConfig:
     """Attributes:
     backend: ``onnx`` (ONNX Runtime graphs, CPU default), ``tensorrt`` (engines + plugin, GPU),
-        ``torch`` (the HF checkpoint run by PyTorch), ``auto`` (tensorrt where a GPU and TensorRT
-        exist, else onnx; resolved before the build, never stored).
+        ``torch`` (the HF checkpoint run by PyTorch), ``trtllm`` (the HF checkpoint and a Triton
+        ``llmapi`` repository for TensorRT-LLM, GPU; never chosen by ``auto``), ``auto`` (tensorrt
+        where a GPU and TensorRT exist, else onnx; resolved before the build, never stored).
     dtype: weights and activations of the compiled graphs.
     max_batch_size: sequences per request batch (compressing methods run one at a time).
     max_input_len: the longest prompt, in tokens (image tokens included), the artifact accepts.

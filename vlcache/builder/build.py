@@ -10,11 +10,16 @@ prints). What the backend stage does:
 * ``tensorrt``: the same ONNX graphs, the ``vlcache`` nodes rewritten to the TensorRT plugin, engines
   built with TensorRT (GPU hosts only; never run on a GPU by this project yet).
 * ``torch``: the HF checkpoint itself (``hf/``), run by PyTorch through :mod:`vlcache.hf`.
+* ``trtllm``: the source checkpoint's files copied as they are (``hf/``), for TensorRT-LLM's
+  PyTorch backend; the Triton repository is TensorRT-LLM's ``llmapi`` model whose ``model.yaml``
+  selects the VL-Cache compression (:mod:`vlcache.trtllm`, docs/trtllm.md). Writing it needs no
+  TensorRT-LLM and no GPU; serving it needs both. Never chosen by ``auto``.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -43,6 +48,7 @@ Progress = Callable[[str], None]
 
 
 def resolve_backend(backend: str) -> str:
+    """``auto`` -> tensorrt (GPU and TensorRT here) or onnx, never trtllm; UserError for tensorrt without TensorRT."""
     if backend == "auto":
         return "tensorrt" if tensorrt_available() else "onnx"
     if backend == "tensorrt" and not tensorrt_available():
@@ -93,6 +99,10 @@ def make_plan(model: str, config: BuildConfig, output: Path, *, explicit: frozen
         overrides["dtype"] = "float32"  # profiles default to fp16 for GPUs; ONNX Runtime on a CPU wants fp32
     try:
         config = replace(config, **overrides)
+        if config.backend == "trtllm":
+            from vlcache.trtllm.plan import check_method
+
+            check_method(config.compression.method)
     except ValueError as e:
         raise UserError(str(e)) from None
     return Plan(source, config, Path(output))
@@ -183,6 +193,19 @@ def _load_model(work: _Work) -> str:
     return f"{params / 1e6:.1f}M parameters, {work.n_image} image tokens per image"
 
 
+def _copy_checkpoint(source: Path, folder: Path) -> int:
+    """The checkpoint's files as they are (symlinks followed, hidden files left out): what
+    TensorRT-LLM's ``LLM(model=...)`` reads. Returns how many."""
+    count = 0
+    for path in sorted(source.rglob("*")):
+        rel = path.relative_to(source)
+        if path.is_file() and not any(part.startswith(".") for part in rel.parts):
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, folder / rel)
+            count += 1
+    return count
+
+
 def _save_processor(work: _Work) -> str:
     work.loaded.processor.save_pretrained(work.tmp / PROCESSOR_DIR)
     return ""
@@ -191,6 +214,10 @@ def _save_processor(work: _Work) -> str:
 def _backend_files(work: _Work) -> str:
     """The backend's own files: the HF checkpoint, the ONNX graphs, or the engines."""
     cfg, tmp, loaded = work.plan.config, work.tmp, work.loaded
+    if cfg.backend == "trtllm":
+        copied = _copy_checkpoint(work.plan.source.path, tmp / HF_DIR)
+        work.loaded = None
+        return f"{copied} files"
     if cfg.backend == "torch":
         loaded.model.save_pretrained(tmp / HF_DIR, safe_serialization=True)
         loaded.processor.save_pretrained(tmp / HF_DIR)
@@ -249,7 +276,12 @@ def _verify(work: _Work) -> str:
     return ""
 
 
-_BACKEND_STAGE = {"onnx": "export onnx", "tensorrt": "export onnx + build engines", "torch": "save checkpoint"}
+_BACKEND_STAGE = {
+    "onnx": "export onnx",
+    "tensorrt": "export onnx + build engines",
+    "torch": "save checkpoint",
+    "trtllm": "copy checkpoint",
+}
 
 
 def build_stages(backend: str) -> tuple[tuple[str, Stage], ...]:

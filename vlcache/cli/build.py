@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--backend",
         default=d.backend,
         choices=BUILD_BACKENDS,
-        help="auto: tensorrt where a GPU and TensorRT exist, else onnx (ONNX Runtime); torch: the HF checkpoint",
+        help="auto: tensorrt where a GPU and TensorRT exist, else onnx (ONNX Runtime); torch: the HF checkpoint; "
+        "trtllm: the HF checkpoint and a TensorRT-LLM llmapi Triton repository (never chosen by auto; docs/trtllm.md)",
     )
     b.add_argument("--dtype", default=None, choices=DTYPES, help=f"graph dtype (profile's, else {d.dtype})")
     b.add_argument("--max-batch-size", type=int, default=None, help=f"(profile's, else {d.max_batch_size})")

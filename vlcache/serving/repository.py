@@ -12,24 +12,34 @@ Contract of :func:`render_repository`:
   rendered inside the artifact, so the artifact can be moved as a whole; absolute otherwise.
 * ``device`` defaults to ``cuda`` for the ``tensorrt`` backend (instances ``KIND_GPU``) and to
   ``cpu`` otherwise (``KIND_CPU``).
+* ``triton_repo/`` holds one model template per layout: ``vlcache/`` (every backend but ``trtllm``)
+  and ``tensorrt_llm/``; a rendered repository holds just the one its backend serves.
+* The ``trtllm`` backend gets TensorRT-LLM's ``llmapi`` layout: ``tensorrt_llm/config.pbtxt``,
+  ``tensorrt_llm/1/model.py`` and a ``tensorrt_llm/1/model.yaml`` of ``LLM()`` arguments that
+  selects the build's VL-Cache compression (:mod:`vlcache.trtllm.llm_args`); its instances are
+  ``KIND_CPU`` Python models that drive the GPU themselves, and ``num_threads``/``device`` do not apply.
 * The result replaces ``out`` as a whole only when rendering succeeded (written next to it, then
   renamed: :func:`vlcache.atomic.atomic_dir`); returns ``out``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import string
 from pathlib import Path
+from typing import Any
 
-from vlcache.artifact import read_manifest
+from vlcache.artifact import Manifest, read_manifest
 from vlcache.atomic import atomic_dir
 from vlcache.errors import UserError
 from vlcache.serving import protocol
 
 #: inside the package (a wheel's copy; in a checkout the top-level ``triton_repo/``, through a symlink)
 TEMPLATES = (Path(__file__).parent / "triton_repo").resolve()
+#: the model name of the trtllm repository (TensorRT-LLM's llmapi model is called so)
+TRTLLM_MODEL_NAME = "tensorrt_llm"
 
 
 class RenderError(ValueError, UserError):
@@ -41,6 +51,14 @@ def templates_dir() -> Path:
     if (TEMPLATES / protocol.MODEL_NAME / "config.pbtxt").is_file():
         return TEMPLATES
     raise RenderError(f"the Triton repository templates are missing from {TEMPLATES} (broken installation?)")
+
+
+def _model_template(name: str) -> Path:
+    """``triton_repo/<name>``: one model's template (RenderError when it is missing)."""
+    path = templates_dir() / name
+    if not (path / "config.pbtxt").is_file():
+        raise RenderError(f"the {name} model template is missing from {templates_dir()} (broken installation?)")
+    return path
 
 
 def _tensor_block(kind: str, specs: tuple[protocol.TensorSpec, ...]) -> str:
@@ -97,6 +115,8 @@ def render_repository(
     if device not in ("cpu", "cuda"):
         raise RenderError(f"device must be cpu or cuda, got {device!r}")
     target = Path(out).expanduser().resolve() if out is not None else manifest.triton_dir
+    if manifest.backend == "trtllm":
+        return _render_trtllm(manifest, target, instances=instances, max_tokens_cap=max_tokens_cap)
     model_dir = target / protocol.MODEL_NAME
     try:
         artifact_ref = os.path.relpath(manifest.root, model_dir) if target.is_relative_to(manifest.root) else None
@@ -115,18 +135,53 @@ def render_repository(
         "num_threads": str(num_threads),
         "device": device,
     }
-    source = templates_dir()
     with atomic_dir(target, force=True, name="out", error=RenderError) as staging:
-        for path in sorted(source.rglob("*")):
-            rel = path.relative_to(source)
-            if path.is_dir() or "__pycache__" in rel.parts:
-                continue
-            dest = staging / rel
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            if path.suffix == ".pbtxt":
-                dest.write_text(
-                    render_text(path.read_text(encoding="utf-8"), values, source=str(rel)), encoding="utf-8"
-                )
-            else:
-                shutil.copyfile(path, dest)
+        _render_tree(_model_template(protocol.MODEL_NAME), staging / protocol.MODEL_NAME, values)
+    return target
+
+
+def _render_tree(source: Path, staging: Path, values: dict[str, str]) -> None:
+    """Copy the template tree ``source`` into ``staging``, every ``*.pbtxt`` through :func:`render_text`."""
+    for path in sorted(source.rglob("*")):
+        rel = path.relative_to(source)
+        if path.is_dir() or "__pycache__" in rel.parts:
+            continue
+        dest = staging / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".pbtxt":
+            dest.write_text(render_text(path.read_text(encoding="utf-8"), values, source=str(rel)), encoding="utf-8")
+        else:
+            shutil.copyfile(path, dest)
+
+
+def _image_token_id(checkpoint: Path) -> int | None:
+    """The checkpoint's image token id (``image_token_index`` or ``image_token_id`` of config.json)."""
+    try:
+        config: dict[str, Any] = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    for key in ("image_token_index", "image_token_id"):
+        if isinstance(config.get(key), int):
+            return int(config[key])
+    return None
+
+
+def _render_trtllm(manifest: Manifest, target: Path, *, instances: int, max_tokens_cap: int) -> Path:
+    """The trtllm backend's repository: TensorRT-LLM's llmapi layout with vlcache's model.yaml."""
+    from vlcache.trtllm.llm_args import llm_args, model_yaml
+
+    version_dir = target / TRTLLM_MODEL_NAME / "1"
+    try:
+        inside = target.is_relative_to(manifest.root)
+    except ValueError:
+        inside = False
+    model = os.path.relpath(manifest.hf_dir, version_dir) if inside else str(manifest.hf_dir)
+    args = llm_args(
+        manifest.build, model=model, image_token_id=_image_token_id(manifest.hf_dir), max_tokens_cap=max_tokens_cap
+    )
+    values = {"model_name": TRTLLM_MODEL_NAME, "instances": str(instances), "config_hash": manifest.config_hash}
+    with atomic_dir(target, force=True, name="out", error=RenderError) as staging:
+        _render_tree(_model_template(TRTLLM_MODEL_NAME), staging / TRTLLM_MODEL_NAME, values)
+        text = model_yaml(args, config_hash=manifest.config_hash)
+        (staging / TRTLLM_MODEL_NAME / "1" / "model.yaml").write_text(text, encoding="utf-8")
     return target

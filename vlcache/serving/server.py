@@ -184,6 +184,12 @@ class TritonServer:
         from vlcache.serving.repository import render_repository
 
         manifest = verify_artifact(artifact_dir)
+        if manifest.backend == "trtllm":
+            raise UserError(
+                f"{manifest.root} is a trtllm artifact: its repository ({manifest.triton_dir}) is TensorRT-LLM's "
+                "llmapi model, served by tritonserver in a Triton TensorRT-LLM image on a GPU host (docs/trtllm.md), "
+                "not by vlcache-serve"
+            )
         repository = manifest.triton_dir
         overrides = {
             k: v
