@@ -13,6 +13,8 @@
 # When the artifact has no manifest.json and VLCACHE_BUILD_ON_START=1 (the GPU image: TensorRT
 # engines are built on the GPU that runs them), it is built first:
 #   vlcache-build --model "$VLCACHE_MODEL" --backend "$VLCACHE_BACKEND" --budget "$VLCACHE_BUDGET"
+# An artifact of the trtllm backend is TensorRT-LLM's own llmapi Triton model, which vlcache-serve
+# does not host: the image's tritonserver serves its triton/ repository directly, on the same ports.
 set -eu
 
 case "${1:-}" in
@@ -30,6 +32,18 @@ if [ ! -f "$artifact/manifest.json" ]; then
         echo "vlcache-entrypoint: no artifact in $artifact (no manifest.json): mount one there, or set VLCACHE_ARTIFACT" >&2
         exit 2
     fi
+fi
+
+backend=$(python3 -c 'import json, pathlib, sys; p = pathlib.Path(sys.argv[1])
+print(json.loads(p.read_text()).get("build", {}).get("backend", "") if p.is_file() else "")' "$artifact/manifest.json")
+if [ "$backend" = trtllm ]; then
+    host=${VLCACHE_HOST:-0.0.0.0}
+    exec tritonserver --model-repository "$artifact/triton" \
+        --http-address "$host" --grpc-address "$host" --metrics-address "$host" \
+        --http-port "${VLCACHE_HTTP_PORT:-8000}" \
+        --grpc-port "${VLCACHE_GRPC_PORT:-8001}" \
+        --metrics-port "${VLCACHE_METRICS_PORT:-8002}" \
+        "$@"
 fi
 
 exec vlcache-serve "$artifact" \

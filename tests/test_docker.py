@@ -10,6 +10,7 @@ The images themselves are built and served by ``scripts/check_image.sh`` (builda
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -56,7 +57,7 @@ def fake_bin(tmp_path: Path) -> Path:
     """A PATH folder whose vlcache-serve / vlcache-build print their arguments."""
     folder = tmp_path / "bin"
     folder.mkdir()
-    for name in ("vlcache-serve", "vlcache-build"):
+    for name in ("vlcache-serve", "vlcache-build", "tritonserver"):
         script = folder / name
         script.write_text(f'#!/bin/sh\necho {name} "$@"\n')
         script.chmod(0o755)
@@ -114,3 +115,32 @@ def test_entrypoint_runs_other_commands_and_refuses_a_missing_artifact(tmp_path:
         "tensorrt",
     ]
     assert built.stdout.splitlines()[1].startswith(f"vlcache-serve {tmp_path / 'none'} --host 0.0.0.0")
+
+
+@pytest.mark.skipif(shutil.which("sh") is None, reason="needs /bin/sh")
+def test_entrypoint_hands_a_trtllm_artifact_to_tritonserver(tmp_path: Path, fake_bin: Path):
+    # TensorRT-LLM's llmapi model is served by tritonserver itself, on the image's address and ports
+    artifact = tmp_path / "artifact"
+    artifact.mkdir()
+    (artifact / "manifest.json").write_text(json.dumps({"build": {"backend": "trtllm"}}))
+    done = _entrypoint(["--log-verbose", "1"], fake_bin, VLCACHE_ARTIFACT=str(artifact), VLCACHE_HTTP_PORT="9000")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [
+        "tritonserver",
+        "--model-repository",
+        str(artifact / "triton"),
+        "--http-address",
+        "0.0.0.0",
+        "--grpc-address",
+        "0.0.0.0",
+        "--metrics-address",
+        "0.0.0.0",
+        "--http-port",
+        "9000",
+        "--grpc-port",
+        "8001",
+        "--metrics-port",
+        "8002",
+        "--log-verbose",
+        "1",
+    ]
