@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import importlib.util
 import logging
 import math
 import weakref
@@ -43,11 +42,6 @@ log = logging.getLogger(__name__)
 
 class TensorRTLLMUnavailable(RuntimeError, UserError):
     """TensorRT-LLM is not installed (or lacks the compression framework): a one-line message."""
-
-
-def tensorrt_llm_available() -> bool:
-    """True when a ``tensorrt_llm`` package is installed (nothing is imported)."""
-    return importlib.util.find_spec("tensorrt_llm") is not None
 
 
 def require_tensorrt_llm() -> ModuleType:

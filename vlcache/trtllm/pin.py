@@ -62,8 +62,3 @@ TRTLLM_FILES: dict[str, tuple[str, str]] = {
         "LLM(**update_llm_args_with_extra_dict({}, rest))",
     ),
 }
-
-
-def pinned() -> dict[str, object]:
-    """The pin as a JSON-able mapping (written into the trtllm repository's model.yaml)."""
-    return {"line": TRTLLM_LINE, "files": {path: commit for path, (commit, _) in TRTLLM_FILES.items()}}
