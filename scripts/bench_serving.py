@@ -64,7 +64,9 @@ def run(cmd: list[str], commands: list[str], **kwargs: Any) -> subprocess.Comple
 class Serve:
     """``vlcache-serve`` in the background; ready once it prints ``ready``; stopped with SIGTERM."""
 
-    def __init__(self, artifact: Path, instances: int, threads: int, commands: list[str], timeout: float) -> None:
+    def __init__(
+        self, artifact: Path, instances: int, threads: int, commands: list[str], timeout: float, extra: list[str] | None = None
+    ) -> None:
         from vlcache.serving.server import free_port  # vlcache (and torch) load only when a server starts
 
         self.port = free_port()
@@ -72,6 +74,7 @@ class Serve:
         cmd += ["--http-port", "0", "--metrics-port", "0", "--instances", str(instances)]
         if threads:
             cmd += ["--threads", str(threads)]
+        cmd += extra or []
         commands.append(shlex.join(cmd) + " &")
         log(f"$ {shlex.join(cmd)} &")
         self.process = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -86,8 +86,9 @@ def gguf_path() -> Path:
     return path
 
 
-def load_language_model(kind: str) -> tuple[Any, Any]:
-    """(LlamaForCausalLM, tokenizer): SmolLM2-135M-Instruct from the GGUF file, random weights for ``random``."""
+def load_language_model(kind: str, shape: dict[str, int] | None = None) -> tuple[Any, Any]:
+    """(LlamaForCausalLM, tokenizer): SmolLM2-135M-Instruct from the GGUF file, random weights for
+    ``random`` (SmolLM2's shape with the config fields of ``shape`` changed)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -99,6 +100,10 @@ def load_language_model(kind: str) -> tuple[Any, Any]:
     if kind == "random":
         config = lm.config
         config.quantization_config = None
+        for key, value in (shape or {}).items():
+            setattr(config, key, value)
+        if shape and "hidden_size" in shape:
+            config.head_dim = config.hidden_size // config.num_attention_heads
         lm = LlamaForCausalLM(config)
     lm.config.quantization_config = None
     return lm.eval(), tokenizer
@@ -118,7 +123,20 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
     if args.image_size % args.patch_size:
         raise SystemExit(f"--image-size {args.image_size} must be a multiple of --patch-size {args.patch_size}")
     torch.manual_seed(args.seed)
-    lm, tokenizer = load_language_model(args.language)
+    shape = {
+        key: value
+        for key, value in (
+            ("num_hidden_layers", args.lm_layers),
+            ("hidden_size", args.lm_hidden),
+            ("num_attention_heads", args.lm_heads),
+            ("num_key_value_heads", args.lm_kv_heads),
+            ("intermediate_size", args.lm_intermediate),
+        )
+        if value is not None
+    }
+    if shape and args.language != "random":
+        raise SystemExit("--lm-layers/--lm-hidden/--lm-heads/--lm-kv-heads/--lm-intermediate need --language random")
+    lm, tokenizer = load_language_model(args.language, shape)
     tokenizer.add_tokens([AddedToken(IMAGE_TOKEN_TEXT, special=True, normalized=False)])
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN_TEXT)
     old_vocab = lm.config.vocab_size
@@ -244,6 +262,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", default="out/llava-long-bench-hf", help="checkpoint folder to write")
     p.add_argument("--language", choices=("smollm2", "random"), default="smollm2", help="language model weights")
+    for flag, what in (
+        ("--lm-layers", "layers"),
+        ("--lm-hidden", "hidden size"),
+        ("--lm-heads", "attention heads"),
+        ("--lm-kv-heads", "KV heads"),
+        ("--lm-intermediate", "MLP size"),
+    ):
+        p.add_argument(
+            flag, type=int, default=None, help=f"--language random: the language model's {what} (default: SmolLM2's)"
+        )
     p.add_argument("--image-size", type=int, default=448, help="image side in pixels (the processor resizes to it)")
     p.add_argument("--patch-size", type=int, default=7, help="CLIP patch size: (image-size / patch-size)² image tokens")
     p.add_argument("--vision-hidden", type=int, default=64, help="CLIP hidden size (random weights)")

@@ -15,7 +15,7 @@ HEAVY = ("torch", "transformers", "sklearn", "onnxruntime", "tritonclient")
     "modules",
     [
         ["vlcache"],
-        ["vlcache.client", "vlcache.client.stats", "vlcache.client.bench"],
+        ["vlcache.client", "vlcache.client.stats", "vlcache.client.bench", "vlcache.client.capacity"],
         ["vlcache.digits"],  # the scenes bench, generate and eval share: scikit-learn loads on first use
         ["vlcache.serving.protocol"],
         ["vlcache.errors", "vlcache.cli", "vlcache.cli.bench", "vlcache.cli.serve", "vlcache.cli.generate"],

@@ -153,6 +153,14 @@ def test_render_repository_fills_the_protocol_in(artifact: Path, tmp_path: Path)
     assert "decoupled: true" in config and "count: 3 kind: KIND_CPU" in config
     assert 'key: "artifact_dir" value: { string_value: "../.." }' in config  # relocatable
     assert 'key: "max_tokens_cap" value: { string_value: "77" }' in config
+    # batching: empty parameters = the build's batch size and the default pool (the model decides)
+    assert "max_batch_size: 0" in config  # Triton's own batching stays off: the model batches itself
+    for key in ("max_batch_size", "kv_cache_mb", "kv_cache_fraction"):
+        assert f'key: "{key}" value: {{ string_value: "" }}' in config
+    batched = render_repository(artifact, out=tmp_path / "batched", max_batch_size=3, kv_cache_mb=1.5)
+    config = (batched / "vlcache" / "config.pbtxt").read_text()
+    assert 'key: "max_batch_size" value: { string_value: "3" }' in config
+    assert 'key: "kv_cache_mb" value: { string_value: "1.5" }' in config
     model_py = (repo / "vlcache" / "1" / "model.py").read_text()
     assert "class TritonPythonModel(ServedModel)" in model_py and len(model_py.splitlines()) < 15
     # rendered elsewhere: the artifact is referenced by absolute path
@@ -169,6 +177,12 @@ def test_render_fails_on_unfilled_placeholders_and_bad_settings(artifact: Path):
         render_repository(artifact, instances=0)
     with pytest.raises(RenderError, match="device must be cpu or cuda"):
         render_repository(artifact, device="tpu")
+    with pytest.raises(RenderError, match="max_batch_size must be an integer >= 1, got 0"):
+        render_repository(artifact, max_batch_size=0)
+    with pytest.raises(RenderError, match="kv_cache_mb must be > 0, got -2"):
+        render_repository(artifact, kv_cache_mb=-2)
+    with pytest.raises(RenderError, match=r"kv_cache_fraction must lie in \(0, 1\], got 2"):
+        render_repository(artifact, kv_cache_fraction=2)
 
 
 # --- the torch engine ------------------------------------------------------------------------------
@@ -302,40 +316,241 @@ def _as_tensorrt(onnx_artifact: Path, out: Path) -> Path:
 
 
 class _StandInTriton:
-    """The few triton_python_backend_utils names ServedModel.initialize uses."""
+    """The triton_python_backend_utils names ServedModel uses, recording what the model does with them."""
+
+    TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
+    logged: list[tuple[str, str]] = []
+    gauges: dict[tuple[str, tuple[tuple[str, str], ...]], list[float]] = {}
 
     class Logger:
         @staticmethod
         def log_info(message: str) -> None:
-            pass
+            _StandInTriton.logged.append(("info", message))
+
+        @staticmethod
+        def log_warn(message: str) -> None:
+            _StandInTriton.logged.append(("warn", message))
+
+        @staticmethod
+        def log_error(message: str) -> None:
+            _StandInTriton.logged.append(("error", message))
 
     @staticmethod
     def using_decoupled_model_transaction_policy(config: dict) -> bool:
         return True
 
+    class Tensor:
+        def __init__(self, name: str, array: np.ndarray) -> None:
+            self.name, self.array = name, array
+
+        def as_numpy(self) -> np.ndarray:
+            return self.array
+
+    class TritonError:
+        INVALID_ARG, INTERNAL = "INVALID_ARG", "INTERNAL"
+
+        def __init__(self, message: str, code: str) -> None:
+            self.message, self.code = message, code
+
+    class InferenceResponse:
+        def __init__(self, output_tensors: list, error: object = None) -> None:
+            self.outputs = {t.name: t.array for t in output_tensors}
+            self.error = error
+
+    class MetricFamily:
+        GAUGE = "gauge"
+
+        def __init__(self, name: str, description: str, kind: str) -> None:
+            assert kind == "gauge" and description
+            self.name = name
+
+        def Metric(self, labels: dict[str, str]) -> object:  # noqa: N802 - Triton's spelling
+            values = _StandInTriton.gauges.setdefault((self.name, tuple(sorted(labels.items()))), [])
+            return type("Gauge", (), {"set": lambda _self, value: values.append(value)})()
+
+    @staticmethod
+    def get_input_tensor_by_name(request: _StandInRequest, name: str) -> object:
+        value = request.inputs.get(name)
+        return None if value is None else _StandInTriton.Tensor(name, value)
+
+
+class _StandInRequest:
+    """A request as the Python backend hands it over: inputs, a cancelled flag, a response sender whose
+    ``send`` waits for ``gate`` (so a test can show that ``execute`` does not wait for the answer)."""
+
+    def __init__(self, inputs: dict[str, np.ndarray], gate=None, cancel_after: int | None = None) -> None:
+        import threading
+
+        self.inputs, self.gate, self.cancel_after = inputs, gate, cancel_after
+        self.sent: list[tuple[object, int]] = []
+        self.finished = threading.Event()
+
+    def is_cancelled(self) -> bool:
+        return self.cancel_after is not None and len(self.sent) >= self.cancel_after
+
+    def get_response_sender(self) -> _StandInRequest:
+        return self
+
+    def send(self, response: object = None, flags: int = 0) -> None:
+        if self.gate is not None:
+            assert self.gate.wait(60)
+        assert not self.finished.is_set(), "a response after the final one"
+        self.sent.append((response, flags))
+        if flags & _StandInTriton.TRITONSERVER_RESPONSE_COMPLETE_FINAL:
+            self.finished.set()
+
+    def text(self) -> str:
+        return "".join(
+            bytes(r.outputs["text"][0]).decode() for r, _ in self.sent if r is not None and "text" in r.outputs
+        )
+
+    def final(self) -> object:
+        assert self.finished.wait(60), "no final response"
+        finals = [r for r, flags in self.sent if flags & _StandInTriton.TRITONSERVER_RESPONSE_COMPLETE_FINAL]
+        assert len(finals) == 1
+        return finals[0]
+
+
+def _served_model(tmp_path: Path, **params: str):
+    """A ServedModel on the stand-in Triton, initialized with these model-config parameters."""
+    from vlcache.serving.model import ServedModel
+
+    class Model(ServedModel):
+        pb_utils = _StandInTriton
+
+    config = {"name": "vlcache", "parameters": {k: {"string_value": v} for k, v in params.items()}}
+    model = Model()
+    model.initialize(
+        {
+            "model_config": json.dumps(config),
+            "model_repository": str(tmp_path),
+            "model_name": "vlcache",
+            "model_instance_name": "vlcache_0_1",
+            "model_instance_device_id": "1",
+        }
+    )
+    return model
+
 
 def test_the_instance_device_reaches_the_tensorrt_runner(onnx_artifact: Path, tmp_path: Path, monkeypatch):
     from vlcache.serving.engine import load_engine
-    from vlcache.serving.model import ServedModel
 
     monkeypatch.setattr("vlcache.runtime.tensorrt_runner.TensorRTRunner", _FakeTensorRTRunner)
     monkeypatch.setattr(_FakeTensorRTRunner, "devices", [])
     trt = _as_tensorrt(onnx_artifact, tmp_path / "trt")
     assert load_engine(trt).backend == "tensorrt"  # default: the current CUDA device
 
-    class Model(ServedModel):
-        pb_utils = _StandInTriton
-
-    params = {"artifact_dir": str(trt), "device": "cuda", "num_threads": "0"}
-    config = {"parameters": {k: {"string_value": v} for k, v in params.items()}}
-    model = Model()
-    model.initialize(
-        {"model_config": json.dumps(config), "model_repository": str(tmp_path), "model_instance_device_id": "1"}
-    )
+    model = _served_model(tmp_path, artifact_dir=str(trt), device="cuda", num_threads="0")
     assert model.engine.backend == "tensorrt"
     assert _FakeTensorRTRunner.devices == ["cuda", "cuda:1"]  # the instance's GPU, as model.py computes it
+    assert not model.service.batching and model.service.max_batch_size == 1  # TensorRT: one at a time
+    model.finalize()
     with pytest.raises(ArtifactError, match="runs on a CUDA device .* not on 'cpu'"):
         load_engine(trt, device="cpu")
+
+
+def _request_inputs(prompt: str, max_tokens: int, image: bytes | None = None, **extra: np.ndarray) -> dict:
+    if image is None:
+        buf = io.BytesIO()
+        _scene().image.save(buf, format="PNG")
+        image = buf.getvalue()
+    return {"image": _obj(image), "prompt": _obj(prompt), "max_tokens": np.array([max_tokens], np.int32), **extra}
+
+
+def _gauge(name: str, instance: str = "vlcache_0_1") -> list[float]:
+    return _StandInTriton.gauges[(name, (("instance", instance), ("model", "vlcache")))]
+
+
+def test_served_model_hands_requests_to_the_batching_service(onnx_artifact: Path, tmp_path: Path, monkeypatch):
+    import threading
+    import time
+
+    from vlcache.serving.engine import load_engine
+
+    question = _scene().question
+    reference = load_engine(onnx_artifact)  # run alone, in this process
+    expected = {n: reference.generate(_scene().image, question, max_tokens=n) | {"text": ""} for n in (6, 3)}
+    for n in expected:
+        expected[n]["text"] = "".join(_deltas(reference, question, n))
+    monkeypatch.setattr(_StandInTriton, "gauges", {})
+    monkeypatch.setattr(_StandInTriton, "logged", [])
+    model = _served_model(tmp_path, artifact_dir=str(onnx_artifact), max_batch_size="2", kv_cache_mb="64")
+    try:
+        assert model.service.batching and model.service.max_batch_size == 2
+        assert model.service.kv_cache_bytes == 64 * 2**20
+        # every gauge exists from the load on, labelled with the model and the instance
+        assert {name for name, _ in _StandInTriton.gauges} == set(protocol.METRICS)
+        assert _gauge(protocol.METRIC_POOL_CAPACITY) == [64 * 2**20] and _gauge(protocol.METRIC_POOL_USED) == [0.0]
+
+        gate = threading.Event()
+        good = [_StandInRequest(_request_inputs(question, n), gate) for n in (6, 3)]
+        bad = _StandInRequest(_request_inputs(question, 4, image=b"not an image"))
+        early = _StandInRequest(_request_inputs(question, 4), cancel_after=0)  # cancelled before execute
+        late = _StandInRequest(_request_inputs(question, 32, budget=np.array([1.0], np.float32)), cancel_after=1)
+        assert model.execute([*good, bad, early, late]) is None
+        # execute returned while the answers' responses are still blocked: they are sent later
+        assert not any(r.sent for r in good)
+        gate.set()
+
+        for request, max_tokens in zip(good, (6, 3)):
+            stats = json.loads(bytes(request.final().outputs["stats"][0]))
+            assert set(stats) == set(protocol.STATS_KEYS) and stats["pool_capacity_bytes"] == 64 * 2**20
+            assert request.text() == expected[max_tokens]["text"]
+            assert stats["output_tokens"] == expected[max_tokens]["output_tokens"]
+            assert stats["kept_per_layer"] == expected[max_tokens]["kept_per_layer"]
+        error = bad.final().error
+        assert error.code == "INVALID_ARG" and error.message.startswith("INVALID_ARGUMENT: input 'image'")
+        assert early.final() is None and early.sent == [(None, 1)]  # an empty final response
+        assert late.final() is None and len(late.sent) == 2  # one text, then the empty final: no stats
+        deadline = time.monotonic() + 10
+        while _gauge(protocol.METRIC_POOL_USED)[-1] != 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert max(_gauge(protocol.METRIC_POOL_USED)) > 0 and _gauge(protocol.METRIC_POOL_USED)[-1] == 0
+        assert _gauge(protocol.METRIC_BATCH_SIZE)[-1] == 0
+
+        # an unexpected failure: INTERNAL, with the exception's type; the model goes on
+        def boom(*args, **kwargs):
+            raise RuntimeError("boom")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(model.service, "submit", boom)
+            failing = _StandInRequest(_request_inputs(question, 2))
+            model.execute([failing])
+        error = failing.final().error
+        assert (error.code, error.message) == ("INTERNAL", "INTERNAL: RuntimeError: boom")
+    finally:
+        model.finalize()
+    after = _StandInRequest(_request_inputs(question, 2))
+    model.execute([after])  # a request after finalize: a clear error, not a hang
+    assert after.final().error.message == "INTERNAL: RuntimeError: the service is closed"
+
+
+def _deltas(engine, question: str, max_tokens: int) -> list[str]:
+    out: list[str] = []
+    engine.generate(_scene().image, question, max_tokens=max_tokens, on_text=out.append)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"max_batch_size": "0"}, "max_batch_size must be an integer > 0, got '0'"),
+        ({"max_batch_size": "2.5"}, "max_batch_size must be an integer > 0, got '2.5'"),
+        ({"kv_cache_mb": "-1"}, "kv_cache_mb must be a number > 0, got '-1'"),
+        ({"kv_cache_mb": "nan"}, "kv_cache_mb must be a number > 0, got 'nan'"),
+        ({"kv_cache_fraction": "1.5"}, r"kv_cache_fraction must be a number in \(0, 1\], got '1.5'"),
+    ],
+)
+def test_served_model_refuses_bad_batching_parameters(params: dict, message: str):
+    from vlcache.engine.pool import DEFAULT_POOL_FRACTION, available_memory_bytes
+    from vlcache.serving.model import service_settings
+
+    with pytest.raises(ValueError, match=message):
+        service_settings(params)
+    assert service_settings({"max_batch_size": "", "kv_cache_mb": ""})[0] is None
+    assert service_settings({"kv_cache_mb": "1.5"}) == (None, int(1.5 * 2**20))
+    default = service_settings({})[1]
+    assert abs(default - DEFAULT_POOL_FRACTION * available_memory_bytes()) < 0.05 * default
 
 
 def test_onnx_engine_refuses_a_gpu_device(onnx_artifact: Path):
@@ -387,12 +602,42 @@ def test_serve_and_bench_report_user_mistakes_on_one_line(tmp_path: Path, capsys
 
     code, err = _exit(serve_main, [str(tmp_path / "nowhere")], capsys)
     assert code == 2 and err.startswith("vlcache-serve: error: artifact directory not found") and err.count("\n") == 1
+    for flag, value, message in [
+        ("--max-batch-size", "0", "argument --max-batch-size: must be >= 1, got 0"),
+        ("--kv-cache-mb", "0", "argument --kv-cache-mb: must be > 0, got 0"),
+        ("--kv-cache-mb", "lots", "argument --kv-cache-mb: invalid number: 'lots'"),
+    ]:
+        code, err = _exit(serve_main, [str(tmp_path), flag, value], capsys)
+        assert code == 2 and err.startswith(f"vlcache-serve: error: {message}") and err.count("\n") == 1, err
     code, err = _exit(bench_main, ["--budgets", "1.0,0", "--out", str(tmp_path / "b")], capsys)
     assert code == 2 and "budget 0 is outside (0, 1] in --budgets" in err and err.count("\n") == 1
     argv = ["--url", f"127.0.0.1:{free_port()}", "--requests", "1", "--out", str(tmp_path / "b")]
     code, err = _exit(bench_main, argv, capsys)
     assert code == 2 and err.strip().splitlines()[-1].startswith("vlcache-bench: error: no ready vlcache model at")
     assert not (tmp_path / "b").exists()
+
+
+def test_free_ports_are_all_different():
+    from vlcache.serving.server import free_ports
+
+    for _ in range(200):  # separate free_port() calls could return one port twice (a server refusing to start)
+        ports = free_ports("127.0.0.1", [0, 0, 0])
+        assert len(set(ports)) == 3 and all(p > 0 for p in ports)
+    given = free_ports("127.0.0.1", [8001, 0, 0])
+    assert given[0] == 8001 and len(set(given)) == 3
+
+
+def test_serve_help_states_the_batching_defaults(capsys):
+    from vlcache.cli.serve import main as serve_main
+    from vlcache.engine.pool import DEFAULT_POOL_FRACTION
+
+    with pytest.raises(SystemExit) as e:
+        serve_main(["--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: the build's max_batch_size)" in text
+    assert f"(default: {DEFAULT_POOL_FRACTION:.0%} of the memory available when the model loads)" in text
+    assert "(default: None)" not in text
 
 
 class _StubServer:

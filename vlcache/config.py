@@ -157,6 +157,9 @@ RUNTIME_BACKENDS = ("auto", *(b for b in BACKENDS if b not in ("torch", "trtllm"
 #: Weight and activation dtypes, by their torch names (``getattr(torch, name)``).
 DTYPES = ("float32", "float16", "bfloat16")
 #: Bump when the artifact layout or the meaning of a field changes.
+#: requests decoded together by the served in-flight scheduler, unless the build or the server says otherwise
+DEFAULT_MAX_BATCH_SIZE = 8
+
 ARTIFACT_FORMAT = 3  # 2: the build config is the one source (no top-level copies in manifest.json);
 # 3: the compression config holds its method's settings only
 
@@ -169,7 +172,8 @@ class BuildConfig:
         ``llmapi`` repository for TensorRT-LLM, GPU; never chosen by ``auto``), ``auto`` (tensorrt
         where a GPU and TensorRT exist, else onnx; resolved before the build, never stored).
     dtype: weights and activations of the compiled graphs.
-    max_batch_size: sequences per request batch (compressing methods run one at a time).
+    max_batch_size: the served decode batch: requests decoded together by the in-flight scheduler
+        (:mod:`vlcache.engine`; ``vlcache-serve --max-batch-size`` overrides it).
     max_input_len: the longest prompt, in tokens (image tokens included), the artifact accepts.
     opset: ONNX opset of exported graphs.
     compression: the default compression of served requests.
@@ -177,7 +181,7 @@ class BuildConfig:
 
     backend: str = "auto"
     dtype: str = "float32"
-    max_batch_size: int = 1
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     max_input_len: int = 2048
     opset: int = 17
     compression: CompressionConfig = field(default_factory=CompressionConfig)

@@ -12,7 +12,7 @@ A profile names where the checkpoint comes from and the build defaults that suit
     model_type: llava                  # llava | llava_next
     dtype: float16                     # default --dtype
     max_input_len: 4096                # default --max-input-len
-    max_batch_size: 1                  # default --max-batch-size
+    max_batch_size: 8                  # default --max-batch-size
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@
     vlcache-serve artifacts/llava-tiny --grpc-port 8001 --instances 1
 
 ``--host 0.0.0.0`` binds every interface instead (what the container image does: docker/Dockerfile).
+``--max-batch-size N`` and ``--kv-cache-mb M`` set the in-flight batching of each instance (default:
+the build's batch size and a pool of 25% of the memory available at load); like ``--instances``,
+``--threads`` and ``--max-tokens-cap`` they serve a rendered copy of the repository.
 
 Runs :func:`vlcache.serving.server.serve` on :meth:`TritonServer.for_artifact
 <vlcache.serving.server.TritonServer.for_artifact>` (the artifact is verified first) until SIGTERM
@@ -14,6 +17,7 @@ its log's tail); tritonserver exiting by itself exits 1.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 
@@ -22,11 +26,20 @@ from vlcache.cli import Parser, positive_int, run_main
 PROG = "vlcache-serve"
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except None (those flags say what they default to in words)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog=PROG,
         description="Serve a vlcache artifact directory with Triton Inference Server (bound to 127.0.0.1 unless --host).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("artifact_dir", help="artifact directory written by vlcache-build")
     p.add_argument(
@@ -36,7 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (0: a free one)")
     p.add_argument("--http-port", type=int, default=8000, help="HTTP port (0: a free one)")
-    p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (0: a free one)")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=8002,
+        help="Prometheus metrics port (0: a free one): Triton's metrics and the vlcache_* gauges (KV pool, queue, batch)",
+    )
     p.add_argument(
         "--instances", type=positive_int, default=None, help="model instances (default: the rendered repository's)"
     )
@@ -46,9 +64,42 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="torch / ONNX Runtime threads per instance (default: the repository's)",
     )
-    p.add_argument("--max-tokens-cap", type=positive_int, default=None, help="largest max_tokens a request may ask for")
+    p.add_argument(
+        "--max-tokens-cap",
+        type=positive_int,
+        default=None,
+        help="largest max_tokens a request may ask for (default: the repository's, 1024 unless rendered otherwise)",
+    )
+    p.add_argument(
+        "--max-batch-size",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="requests decoded together per instance, by in-flight batching (ONNX Runtime artifacts; torch and "
+        "tensorrt run one at a time) (default: the build's max_batch_size)",
+    )
+    p.add_argument(
+        "--kv-cache-mb",
+        type=positive_float,
+        default=None,
+        metavar="M",
+        help="KV-cache pool of each instance in MiB: requests wait in the queue until theirs fits "
+        # vlcache.engine.pool.DEFAULT_POOL_FRACTION (not imported: it loads torch; a test checks the figure)
+        "(default: 25%% of the memory available when the model loads)",
+    )
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the model to be ready")
     return p
+
+
+def positive_float(text: str) -> float:
+    """argparse ``type``: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
 
 
 def say(message: str) -> None:
@@ -67,6 +118,8 @@ def run(args: argparse.Namespace) -> int:
         instances=args.instances,
         num_threads=args.threads,
         max_tokens_cap=args.max_tokens_cap,
+        max_batch_size=args.max_batch_size,
+        kv_cache_mb=args.kv_cache_mb,
         host=args.host,
         grpc_port=args.grpc_port,
         http_port=args.http_port,

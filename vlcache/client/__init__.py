@@ -20,6 +20,7 @@ from vlcache.client.client import (
     InvalidArgument,
     RequestTimeout,
     ServerError,
+    ServerGone,
     ServerUnavailable,
 )
 
@@ -32,5 +33,6 @@ __all__ = [
     "InvalidArgument",
     "RequestTimeout",
     "ServerError",
+    "ServerGone",
     "ServerUnavailable",
 ]

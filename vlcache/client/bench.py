@@ -9,11 +9,15 @@ Contract:
   one at a time (not measured), then ``--requests`` requests (or as many as fit in ``--duration``
   seconds) with ``--concurrency`` in flight, over the asyncio client.
 * Reports per budget: TTFT, inter-token latency and request latency (mean, p50, p90, p99), output
-  tokens/s and requests/s over the measured wall time, mean KV bytes after compression, failures.
-  Prints a table; :func:`write_results` writes ``results.json`` (summaries + every request),
+  tokens/s and requests/s over the measured wall time, mean KV bytes after compression, failures;
+  and the server's batching (:func:`vlcache.client.stats.batching`): mean and max decode-batch size,
+  the KV pool's peak occupancy and capacity, queue time (mean, p50, p90, p99). A server whose stats
+  lack these keys (before in-flight batching) gets None, shown as ``-``.
+  Prints a table (latency) and a second one (batching); :func:`write_results` writes ``results.json`` (summaries + every request),
   ``summary.csv`` and ``latency.png`` / ``throughput.png`` into ``--out`` all at once
   (:func:`vlcache.atomic.atomic_dir`: a non-empty ``--out`` is replaced only with ``--force``; plots
   need matplotlib); the last stdout line is one JSON object ``{"results": [...]}``.
+* ``--capacity`` runs :mod:`vlcache.client.capacity` instead (largest concurrency the pool admits).
 * Exit status 0 when every request succeeded, 1 when some failed, 2 on a usage error or an
   unreachable server (one-line message, no traceback: :class:`~vlcache.errors.UserError`).
 """
@@ -115,47 +119,91 @@ def _f(x: float | None, digits: int = 1) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
+def _int(x: float | None) -> str:
+    return "-" if x is None else f"{int(x)}"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100.0 * x:.0f}%"
+
+
+def _mib(x: float | None) -> str:
+    """Bytes in MiB; ``-`` when unknown, ``none`` for 0 (a server without a pool)."""
+    if x is None:
+        return "-"
+    return "none" if x == 0 else f"{x / 2**20:.1f}"
+
+
+def _dist(s: dict[str, Any], name: str, key: str) -> float | None:
+    d = s.get(name)
+    return d.get(key) if isinstance(d, dict) else None
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
 def format_table(summaries: list[dict[str, Any]]) -> str:
+    """The latency table, then the server's batching table (``-`` for what a summary lacks)."""
     head = ["budget", "ok/req", "ttft p50", "ttft p90", "ttft p99", "itl p50", "itl p90", "itl p99",
             "lat p50", "lat p90", "lat p99", "tok/s", "req/s", "kv bytes", "kv kept"]  # fmt: skip
     rows = [head]
     for s in summaries:
-        t, i, lat = s["ttft_ms"], s["itl_ms"], s["latency_ms"]
         rows.append(
             [
                 f"{s['budget']:g}",
-                f"{s['succeeded']}/{s['requests']}",
-                *(_f(d[k]) for d in (t, i, lat) for k in ("p50", "p90", "p99")),
-                _f(s["output_tokens_per_s"]),
-                _f(s["requests_per_s"], 2),
-                _f(s["kv_bytes_after_mean"], 0),
-                _f(s["kv_kept_fraction_mean"], 3),
+                f"{s.get('succeeded', '-')}/{s.get('requests', '-')}",
+                *(_f(_dist(s, d, k)) for d in ("ttft_ms", "itl_ms", "latency_ms") for k in ("p50", "p90", "p99")),
+                _f(s.get("output_tokens_per_s")),
+                _f(s.get("requests_per_s"), 2),
+                _f(s.get("kv_bytes_after_mean"), 0),
+                _f(s.get("kv_kept_fraction_mean"), 3),
             ]
         )
-    widths = [max(len(r[c]) for r in rows) for c in range(len(head))]
-    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
-    lines.insert(1, "-" * len(lines[0]))
-    return "(latencies in ms)\n" + "\n".join(lines)
+    batch = [["budget", "batch mean", "batch max", "pool peak", "pool MiB", "queue p50", "queue p90"]]
+    for s in summaries:
+        batch.append(
+            [
+                f"{s['budget']:g}",
+                _f(s.get("batch_size_mean"), 2),
+                _int(s.get("batch_size_max")),
+                _pct(s.get("pool_occupancy_peak")),
+                _mib(s.get("pool_capacity_bytes")),
+                _f(_dist(s, "queue_ms", "p50")),
+                _f(_dist(s, "queue_ms", "p90")),
+            ]
+        )
+    return (
+        "(latencies in ms)\n"
+        + _table(rows)
+        + "\n\n(server batching: decode-batch size per token, KV pool peak occupancy and size, queue in ms)\n"
+        + _table(batch)
+    )
 
 
 CSV_FIELDS = ["budget", "method", "concurrency", "requests", "succeeded", "failed", "wall_seconds",
               "output_tokens", "output_tokens_per_s", "requests_per_s", "kv_bytes_before_mean",
               "kv_bytes_after_mean", "kv_kept_fraction_mean", "server_prefill_ms_mean",
-              "server_decode_ms_mean"]  # fmt: skip
+              "server_decode_ms_mean", "batch_size_mean", "batch_size_max", "pool_occupancy_peak",
+              "pool_capacity_bytes", "pool_bytes_mean"]  # fmt: skip
+CSV_DISTRIBUTIONS = ("ttft_ms", "itl_ms", "latency_ms", "queue_ms")
 
 
 def write_csv(path: Path, summaries: list[dict[str, Any]]) -> None:
+    """One row per budget: :data:`CSV_FIELDS`, then mean / p50 / p90 / p99 of each distribution
+    (an empty cell for what a summary lacks)."""
     with path.open("w", newline="", encoding="utf-8") as f:
-        names = CSV_FIELDS + [
-            f"{m}_{k}" for m in ("ttft_ms", "itl_ms", "latency_ms") for k in ("mean", "p50", "p90", "p99")
-        ]
+        names = CSV_FIELDS + [f"{m}_{k}" for m in CSV_DISTRIBUTIONS for k in ("mean", "p50", "p90", "p99")]
         writer = csv.DictWriter(f, fieldnames=names)
         writer.writeheader()
         for s in summaries:
             row = {k: s.get(k) for k in CSV_FIELDS}
-            for m in ("ttft_ms", "itl_ms", "latency_ms"):
-                for k, v in s[m].items():
-                    row[f"{m}_{k}"] = v
+            for m in CSV_DISTRIBUTIONS:
+                for k in ("mean", "p50", "p90", "p99"):
+                    row[f"{m}_{k}"] = _dist(s, m, k)
             writer.writerow(row)
 
 

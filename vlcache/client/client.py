@@ -10,7 +10,9 @@ Contract:
   calling ``on_text`` (the model is decoupled, so the wire is a stream either way).
 * ``stream(...)`` yields :class:`Chunk` s as they arrive; leaving the loop early (``break``, an
   exception, closing the generator) cancels the request on the server.
-* Errors: :class:`ServerUnavailable` (cannot connect / server not ready), :class:`RequestTimeout`
+* Errors: :class:`ServerUnavailable` (cannot connect / server not ready), :class:`ServerGone` (a
+  subclass: the connection was lost while the request was open — the server stopped or crashed;
+  every open stream ends with it at once, none hangs), :class:`RequestTimeout`
   (no final response within ``timeout`` seconds; the request is cancelled),
   :class:`InvalidArgument` (the server refused the request's inputs), :class:`ServerError` (any
   other failure reported by the server). All derive from :class:`ClientError`.
@@ -47,6 +49,10 @@ class ClientError(Exception):
 
 class ServerUnavailable(ClientError):
     """The server cannot be reached, or the model is not ready."""
+
+
+class ServerGone(ServerUnavailable):
+    """The server went away (stopped or crashed) while the request was open; retry once it is back."""
 
 
 class RequestTimeout(ClientError):
@@ -151,15 +157,30 @@ def server_error(message: str) -> ServerError:
     return cls(message)
 
 
-def _rpc_error(e: Exception, url: str) -> ClientError:
-    """Map a transport error (grpc / tritonclient) to the client's exceptions."""
+#: gRPC details of a connection that was up and then lost (the server stopped or crashed)
+_LOST = ("socket closed", "stream removed", "connection reset", "broken pipe", "goaway", "eof", "end of tcp stream")
+
+
+def _rpc_error(e: Exception, url: str, request: _Request | None = None) -> ClientError:
+    """Map a transport error (grpc / tritonclient) to the client's exceptions; ``request``: the open
+    request it ended (a lost connection is then :class:`ServerGone`)."""
     status = str(getattr(e, "status", lambda: "")() if callable(getattr(e, "status", None)) else "")
     code = getattr(e, "code", None)
     if callable(code):
         status = status or str(code())
-    message = getattr(e, "message", None)
-    text = str(message() if callable(message) else e)
+    text = ""
+    for attr in ("details", "message"):  # grpc's AioRpcError: details(); tritonclient's exception: message()
+        getter = getattr(e, attr, None)
+        if callable(getter) and not text:
+            text = str(getter() or "")
+    text = " ".join((text or str(e)).split())  # one line
     if "UNAVAILABLE" in status:
+        if request is not None and (request.responses > 0 or any(w in text.lower() for w in _LOST)):
+            return ServerGone(
+                f"the vlcache server at {url} went away during request {request.id} "
+                f"(connection lost after {request.responses} response(s): {text}); "
+                "it stopped or crashed - retry once it is back"
+            )
         return ServerUnavailable(f"cannot reach the vlcache server at {url}: {text}")
     if "DEADLINE_EXCEEDED" in status:
         return RequestTimeout(f"request to {url} timed out: {text}")
@@ -199,6 +220,7 @@ class _Request:
         self.deadline = time.perf_counter() + timeout
         self.url = url
         self.finished = False
+        self.responses = 0  # responses received so far
 
     def remaining(self) -> float:
         """Seconds left before the deadline (0 once past it)."""
@@ -214,8 +236,9 @@ class _Request:
         if error is not None:
             self.finished = True
             if "StatusCode." in str(getattr(error, "status", lambda: "")() or ""):
-                raise _rpc_error(error, self.url)
+                raise _rpc_error(error, self.url, self)
             raise server_error(str(error.message() if callable(getattr(error, "message", None)) else error))
+        self.responses += 1
         chunk = _chunk(result, now)
         self.finished = chunk.final
         return chunk
@@ -403,7 +426,7 @@ class AsyncClient:
                 except ClientError:
                     raise
                 except Exception as e:
-                    raise _rpc_error(e, self.url) from None
+                    raise _rpc_error(e, self.url, request) from None
                 yield request.receive(result, error, time.perf_counter())
         finally:
             if not request.finished:

@@ -4,6 +4,16 @@
 (all gaps of all requests pooled) and request latency as mean / p50 / p90 / p99 in milliseconds;
 output tokens/s and requests/s over the run's wall time; mean server-side KV bytes and prefill /
 decode times; and the counts of requests, failures and streams that ended without a final response.
+
+The server's batching (:data:`vlcache.serving.protocol.STATS_KEYS`, in-flight batching servers):
+``batch_size_mean`` is the mean over decoded tokens of the size of the decode batch each was decoded
+in (each request's ``batch_size_mean`` weighted by its decode steps, ``output_tokens - 1``: the first
+token comes from the prefill); ``batch_size_max`` and ``pool_occupancy_peak`` are the largest over
+the requests, ``pool_capacity_bytes`` the largest reported, ``pool_bytes_mean`` the mean of what each
+request's row held, ``queue_ms`` the distribution of ``queue_seconds`` (arrival → start of prefill).
+Only the requests whose stats carry a key count for it, so an older server's stats (without these
+keys) give None.
+
 A statistic with no samples is None.
 """
 
@@ -34,6 +44,53 @@ def _mean(values: Sequence[float]) -> float | None:
     return float(np.mean(values)) if len(values) else None
 
 
+def _values(stats: Sequence[dict[str, Any]], key: str) -> list[float]:
+    """The numeric values of ``key`` in the stats that carry it (None and non-numbers skipped)."""
+    out = []
+    for s in stats:
+        v = s.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out.append(float(v))
+    return out
+
+
+def _max(values: Sequence[float]) -> float | None:
+    return max(values) if len(values) else None
+
+
+def batch_size_mean(generations: Sequence[Generation]) -> float | None:
+    """Mean decode-batch size over decoded tokens (module docstring); None without the key."""
+    total = weight = 0.0
+    plain: list[float] = []  # the requests' means, for a fallback when no request counts a decode step
+    for g in generations:
+        v = g.stats.get("batch_size_mean")
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            continue
+        plain.append(float(v))
+        steps = max(int(g.output_tokens) - 1, 0) if v > 0 else 0
+        total += float(v) * steps
+        weight += steps
+    if weight > 0:
+        return total / weight
+    decoded = [v for v in plain if v > 0]
+    return _mean(decoded) if decoded else (0.0 if plain else None)
+
+
+def batching(generations: Sequence[Generation]) -> dict[str, Any]:
+    """The batching part of :func:`summarize` (module docstring)."""
+    stats = [g.stats for g in generations]
+    peak_batch = _max(_values(stats, "batch_size_max"))
+    capacity = _max(_values(stats, "pool_capacity_bytes"))
+    return {
+        "batch_size_mean": batch_size_mean(generations),
+        "batch_size_max": None if peak_batch is None else int(peak_batch),
+        "pool_occupancy_peak": _max(_values(stats, "pool_occupancy_peak")),
+        "pool_capacity_bytes": None if capacity is None else int(capacity),
+        "pool_bytes_mean": _mean(_values(stats, "pool_bytes")),
+        "queue_ms": distribution(_values(stats, "queue_seconds")),
+    }
+
+
 def summarize(generations: Sequence[Generation], wall_seconds: float, *, failed: int = 0) -> dict[str, Any]:
     """Statistics of one run (see the module docstring)."""
     ok = list(generations)
@@ -59,4 +116,5 @@ def summarize(generations: Sequence[Generation], wall_seconds: float, *, failed:
         ),
         "server_prefill_ms_mean": _mean([1000.0 * s.get("prefill_seconds", 0.0) for s in stats]),
         "server_decode_ms_mean": _mean([1000.0 * s.get("decode_seconds", 0.0) for s in stats]),
+        **batching(ok),
     }

@@ -7,7 +7,10 @@ Modules (light at import; torch, transformers and Triton load on first use):
 * :mod:`vlcache.artifact` — the artifact directory contract (manifest.json, hf/, processor/, triton/).
 * :mod:`vlcache.serving.request` — validation of one request (INVALID_ARGUMENT errors).
 * :mod:`vlcache.serving.engine` — the :class:`Engine` protocol, the torch engine, :func:`load_engine`.
-* :mod:`vlcache.serving.model` — what the repository's ``model.py`` runs (``ServedModel``).
+* :mod:`vlcache.serving.service` — the ``Service`` behind the model: in-flight batching over a KV
+  pool for ONNX Runtime engines, one request at a time for the others.
+* :mod:`vlcache.serving.model` — what the repository's ``model.py`` runs (``ServedModel``: hands each
+  request to the service and streams its responses; exports the service's gauges as Triton metrics).
 * :mod:`vlcache.serving.repository` — :func:`render_repository` from the ``triton_repo/`` templates.
 * :mod:`vlcache.serving.server` — :class:`TritonServer` and :func:`~vlcache.serving.server.serve`
   (what the ``vlcache-serve`` command, :mod:`vlcache.cli.serve`, runs).

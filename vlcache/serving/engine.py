@@ -244,6 +244,13 @@ def _stats(
         "prefill_seconds": prefill,
         "decode_seconds": decode,
         "finish_reason": finish,
+        # one request at a time, no pool: the batching service (vlcache.serving.service) fills these in
+        "queue_seconds": 0.0,
+        "batch_size_mean": 1.0 if output_tokens > 1 else 0.0,
+        "batch_size_max": 1 if output_tokens > 1 else 0,
+        "pool_bytes": int(getattr(stats, "kv_bytes_reserved", 0) or stats.kv_bytes_after),
+        "pool_occupancy_peak": 0.0,
+        "pool_capacity_bytes": 0,
     }
 
 

@@ -74,7 +74,27 @@ STATS_KEYS: tuple[str, ...] = (
     "prefill_seconds",  # server side: vision tower + prefill + scoring + compaction (processor excluded)
     "decode_seconds",  # server side: from the first new token to the last
     "finish_reason",  # "stop" (end of sequence), "length" (max_tokens) or "cancelled"
+    "queue_seconds",  # server side: from arrival (after the image processor) to the start of its prefill
+    "batch_size_mean",  # mean size of the decode batches this request decoded in (1: alone; 0: no decode step)
+    "batch_size_max",  # the largest of them
+    "pool_bytes",  # KV-pool bytes its row held at most (its share of the padded batch buffers)
+    "pool_occupancy_peak",  # the pool's largest occupancy (used / capacity) while it was in the batch
+    "pool_capacity_bytes",  # the KV pool's size (0: the engine serves one request at a time, without a pool)
 )
+
+#: Triton custom metrics the model exports on the metrics port (gauges, label ``model``).
+METRIC_POOL_OCCUPANCY = "vlcache_kv_pool_occupancy"  # used / capacity of the KV pool, 0..1
+METRIC_POOL_USED = "vlcache_kv_pool_used_bytes"  # bytes the pool holds (batch buffers + prefill in flight)
+METRIC_POOL_CAPACITY = "vlcache_kv_pool_capacity_bytes"  # the pool's size
+METRIC_QUEUE_LENGTH = "vlcache_queue_length"  # requests waiting to join the decode batch
+METRIC_BATCH_SIZE = "vlcache_batch_size"  # requests in the running decode batch
+METRICS: dict[str, str] = {
+    METRIC_POOL_OCCUPANCY: "Occupancy of the KV-cache pool (used / capacity)",
+    METRIC_POOL_USED: "Bytes held in the KV-cache pool",
+    METRIC_POOL_CAPACITY: "Size of the KV-cache pool in bytes",
+    METRIC_QUEUE_LENGTH: "Requests waiting to join the decode batch",
+    METRIC_BATCH_SIZE: "Requests in the running decode batch",
+}
 
 FINISH_REASONS = ("stop", "length", "cancelled")
 

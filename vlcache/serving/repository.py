@@ -12,6 +12,11 @@ Contract of :func:`render_repository`:
   rendered inside the artifact, so the artifact can be moved as a whole; absolute otherwise.
 * ``device`` defaults to ``cuda`` for the ``tensorrt`` backend (instances ``KIND_GPU``) and to
   ``cpu`` otherwise (``KIND_CPU``).
+* ``max_batch_size`` (requests decoded together per instance), ``kv_cache_mb`` (each instance's KV
+  pool, MiB) and ``kv_cache_fraction`` (the pool as a fraction of the memory available at load,
+  when ``kv_cache_mb`` is not set) are model parameters, rendered empty when not given: the model
+  then uses the build's ``max_batch_size`` and :data:`vlcache.engine.pool.DEFAULT_POOL_FRACTION`
+  (:mod:`vlcache.serving.model`). Triton's own ``max_batch_size`` stays 0: the model batches itself.
 * ``triton_repo/`` holds one model template per layout: ``vlcache/`` (every backend but ``trtllm``)
   and ``tensorrt_llm/``; a rendered repository holds just the one its backend serves.
 * The ``trtllm`` backend gets TensorRT-LLM's ``llmapi`` layout: ``tensorrt_llm/config.pbtxt``,
@@ -25,6 +30,7 @@ Contract of :func:`render_repository`:
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import string
@@ -93,16 +99,22 @@ def render_repository(
     max_tokens_cap: int = protocol.DEFAULT_MAX_TOKENS_CAP,
     num_threads: int = 0,
     device: str | None = None,
+    max_batch_size: int | None = None,
+    kv_cache_mb: float | None = None,
+    kv_cache_fraction: float | None = None,
 ) -> Path:
     """Render the model repository for ``artifact_dir`` into ``out`` (default ``ARTIFACT/triton``).
 
     Args:
         artifact_dir: the artifact directory (manifest.json, processor/, hf/ for torch).
         out: where the repository goes; replaced as a whole.
-        instances: model instances (each a Python stub process running one generation at a time).
+        instances: model instances (each a Python stub process with its own engine and KV pool).
         max_tokens_cap: the largest ``max_tokens`` a request may ask for.
         num_threads: torch and ONNX Runtime intra-op threads per instance (0: their defaults).
         device: ``cpu`` or ``cuda``; default by backend (see the module docstring).
+        max_batch_size: requests decoded together per instance (None: the build's).
+        kv_cache_mb: each instance's KV pool in MiB (None: ``kv_cache_fraction`` of the available memory).
+        kv_cache_fraction: the pool as a fraction in (0, 1] of the memory available at load (None: 0.25).
     """
     manifest = read_manifest(artifact_dir)
     if instances < 1:
@@ -111,6 +123,12 @@ def render_repository(
         raise RenderError(f"max_tokens_cap must be >= 1, got {max_tokens_cap}")
     if num_threads < 0:
         raise RenderError(f"num_threads must be >= 0, got {num_threads}")
+    if max_batch_size is not None and (not isinstance(max_batch_size, int) or max_batch_size < 1):
+        raise RenderError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
+    if kv_cache_mb is not None and not (math.isfinite(kv_cache_mb) and kv_cache_mb > 0):
+        raise RenderError(f"kv_cache_mb must be > 0, got {kv_cache_mb!r}")
+    if kv_cache_fraction is not None and not (0 < kv_cache_fraction <= 1):
+        raise RenderError(f"kv_cache_fraction must lie in (0, 1], got {kv_cache_fraction!r}")
     device = device or ("cuda" if manifest.backend == "tensorrt" else "cpu")
     if device not in ("cpu", "cuda"):
         raise RenderError(f"device must be cpu or cuda, got {device!r}")
@@ -134,6 +152,9 @@ def render_repository(
         "max_tokens_cap": str(max_tokens_cap),
         "num_threads": str(num_threads),
         "device": device,
+        "max_batch_size": "" if max_batch_size is None else str(max_batch_size),
+        "kv_cache_mb": "" if kv_cache_mb is None else str(float(kv_cache_mb)),
+        "kv_cache_fraction": "" if kv_cache_fraction is None else str(float(kv_cache_fraction)),
     }
     with atomic_dir(target, force=True, name="out", error=RenderError) as staging:
         _render_tree(_model_template(protocol.MODEL_NAME), staging / protocol.MODEL_NAME, values)

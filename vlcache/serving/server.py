@@ -14,14 +14,16 @@ Contract:
   finds its prefix, venv included, from the ``python3`` on PATH). That environment must have
   numpy < 2: with numpy 2 the stub hands the model zeros.
 * The server binds to 127.0.0.1 only (HTTP, gRPC, metrics) unless ``host`` says otherwise (``0.0.0.0``
-  inside a container image: docker/Dockerfile); a port of 0 means a free one (on ``host``). The
+  inside a container image: docker/Dockerfile); a port of 0 means a free one (on ``host``; the three
+  are always different: :func:`free_ports`). The
   readiness probe and :attr:`TritonServer.url` use 127.0.0.1 when ``host`` is a wildcard address.
   ``start`` returns once ``/v2/models/vlcache/ready`` answers 200, or raises
   :class:`~vlcache.errors.UserError` with the tail of the server's log when the process exits or
   the timeout passes (every failure to find, prepare or start the server is a UserError: the
   command reports it without a traceback).
 * ``stop`` sends SIGTERM (Triton unloads the model and exits), waits, then SIGKILLs the process
-  group; the context manager always stops. :func:`serve` stops the same way on Ctrl-C / SIGTERM.
+  group and removes the Python backend's shared-memory regions a killed server leaves in
+  ``/dev/shm`` (those of this server's prefix only); the context manager always stops. :func:`serve` stops the same way on Ctrl-C / SIGTERM.
 """
 
 from __future__ import annotations
@@ -118,6 +120,29 @@ def free_port(host: str = HOST) -> int:
         return int(s.getsockname()[1])
 
 
+def free_ports(host: str, wanted: list[int]) -> list[int]:
+    """``wanted`` with each 0 replaced by a free TCP port on ``host``: all different from each other
+    and from the ports given (the sockets are held open together while the ports are chosen, so the
+    system cannot hand out the same port twice)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    held: list[socket.socket] = []
+    ports = list(wanted)
+    try:
+        for i, port in enumerate(ports):
+            while port == 0:
+                s = socket.socket(family, socket.SOCK_STREAM)
+                held.append(s)
+                s.bind((host, 0))
+                candidate = int(s.getsockname()[1])
+                if candidate not in ports:
+                    port = candidate
+            ports[i] = port
+    finally:
+        for s in held:
+            s.close()
+    return ports
+
+
 def connect_host(host: str) -> str:
     """The address a local client uses to reach a server bound to ``host``."""
     return HOST if host in WILDCARD_HOSTS else host
@@ -158,9 +183,10 @@ class TritonServer:
                 f"{self.repository} is not a vlcache model repository (no {protocol.MODEL_NAME}/config.pbtxt)"
             )
         self.host = host
-        self.grpc_port = grpc_port or free_port(host or "0.0.0.0")
-        self.http_port = http_port or free_port(host or "0.0.0.0")
-        self.metrics_port = metrics_port or free_port(host or "0.0.0.0")
+        # 0: a free port; three separate free_port() calls could return the same port twice
+        self.grpc_port, self.http_port, self.metrics_port = free_ports(
+            host or "0.0.0.0", [grpc_port, http_port, metrics_port]
+        )
         self.startup_timeout = startup_timeout
         self.binary = Path(tritonserver) if tritonserver else find_tritonserver()
         self._own_workdir = workdir is None
@@ -176,10 +202,14 @@ class TritonServer:
         instances: int | None = None,
         num_threads: int | None = None,
         max_tokens_cap: int | None = None,
+        max_batch_size: int | None = None,
+        kv_cache_mb: float | None = None,
         **kwargs: object,
     ) -> TritonServer:
-        """Serve ``ARTIFACT/triton``, or a copy rendered with these settings when any is given.
-        The artifact is verified first (hashes, versions: :func:`vlcache.artifact.verify_artifact`)."""
+        """Serve ``ARTIFACT/triton``, or a copy rendered with these settings when any is given
+        (:func:`vlcache.serving.render_repository`; ``max_batch_size``: requests decoded together,
+        ``kv_cache_mb``: each instance's KV pool in MiB). The artifact is verified first (hashes,
+        versions: :func:`vlcache.artifact.verify_artifact`)."""
         from vlcache.artifact import verify_artifact
         from vlcache.serving.repository import render_repository
 
@@ -193,7 +223,13 @@ class TritonServer:
         repository = manifest.triton_dir
         overrides = {
             k: v
-            for k, v in {"instances": instances, "num_threads": num_threads, "max_tokens_cap": max_tokens_cap}.items()
+            for k, v in {
+                "instances": instances,
+                "num_threads": num_threads,
+                "max_tokens_cap": max_tokens_cap,
+                "max_batch_size": max_batch_size,
+                "kv_cache_mb": kv_cache_mb,
+            }.items()
             if v is not None
         }
         workdir = Path(tempfile.mkdtemp(prefix="vlcache-serve-"))
@@ -222,8 +258,13 @@ class TritonServer:
             "--allow-gpu-metrics=false",
             "--exit-timeout-secs=15",
             # a private shared-memory prefix: several servers may run on one machine
-            f"--backend-config=python,shm-region-prefix-name=vlcache_{os.getpid()}_{self.grpc_port}_",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
         ]
+
+    @property
+    def shm_prefix(self) -> str:
+        """The prefix of the Python backend's shared-memory regions (``/dev/shm``) of this server."""
+        return f"vlcache_{os.getpid()}_{self.grpc_port}_"
 
     def start(self) -> TritonServer:
         if self.process is not None:
@@ -292,7 +333,19 @@ class TritonServer:
         except (ProcessLookupError, PermissionError):
             pass
         process.wait()
+        self._remove_shm()
         return process.returncode
+
+    def _remove_shm(self) -> None:
+        """Remove the shared-memory regions a killed server left behind (a clean exit leaves none)."""
+        shm = Path("/dev/shm")
+        if not shm.is_dir():
+            return
+        for region in shm.glob(f"{self.shm_prefix}*"):
+            try:
+                region.unlink()
+            except OSError:
+                pass
 
     def cleanup(self) -> None:
         if self._own_workdir:
