@@ -65,7 +65,13 @@ class Serve:
     """``vlcache-serve`` in the background; ready once it prints ``ready``; stopped with SIGTERM."""
 
     def __init__(
-        self, artifact: Path, instances: int, threads: int, commands: list[str], timeout: float, extra: list[str] | None = None
+        self,
+        artifact: Path,
+        instances: int,
+        threads: int,
+        commands: list[str],
+        timeout: float,
+        extra: list[str] | None = None,
     ) -> None:
         from vlcache.serving.server import free_port  # vlcache (and torch) load only when a server starts
 

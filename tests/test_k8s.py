@@ -184,7 +184,9 @@ def test_adapter_rules_read_triton_metrics_per_pod():
     assert rules
     for rule in rules:
         series = series_name(rule)
-        assert series.startswith("vlcache_"), series  # the model's gauges: Triton's queue never sees the waiting requests
+        assert series.startswith("vlcache_"), (
+            series
+        )  # the model's gauges: Triton's queue never sees the waiting requests
         assert 'model="vlcache"' in rule["seriesQuery"]
         assert re.fullmatch(rule["name"]["matches"], series), "the rule renames a series it does not select"
         overrides = rule["resources"]["overrides"]

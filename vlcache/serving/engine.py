@@ -85,10 +85,16 @@ def resolve_config(default: CompressionConfig, budget: float | None, method: str
 
 
 class TextDeltas:
-    """Decodes the generated ids so far and hands on the new text (:meth:`add` one token at a time).
+    """Hands on the new text of each generated token (:meth:`add` one token at a time), decoding a
+    window of a few tokens, not the whole answer, per token.
 
-    Text ending in an incomplete character (U+FFFD) is held back until the next token completes it;
-    :meth:`end` flushes what is left.
+    Incremental detokenization (the offsets of vLLM's detokenizer): the text of the tokens since
+    ``prefix`` up to ``read`` was sent already; a new token's delta is ``decode(ids[prefix:])``
+    minus ``decode(ids[prefix:read])`` — decoding from one token back keeps what a tokenizer does
+    at a word's start (SentencePiece drops the leading space of the first token it decodes) out of
+    the delta. Text ending in an incomplete character (U+FFFD) is held back until the next token
+    completes it; :meth:`end` flushes what is left. The concatenated deltas are the decoded answer
+    (special tokens dropped) for byte-level BPE and SentencePiece tokenizers alike.
     """
 
     def __init__(self, tokenizer: Any, on_text: TextCallback | None) -> None:
@@ -96,6 +102,8 @@ class TextDeltas:
         self.on_text = on_text
         self.ids: list[int] = []
         self.emitted = ""
+        self._prefix = 0
+        self._read = 0
 
     def add(self, token: int) -> None:
         self.ids.append(int(token))
@@ -104,15 +112,28 @@ class TextDeltas:
     def end(self) -> None:
         self._emit(final=True)
 
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
+
     def _emit(self, final: bool) -> None:
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        before = self._decode(self.ids[self._prefix : self._read])
+        text = self._decode(self.ids[self._prefix :])
         if not final and text.endswith("\ufffd"):
             return
-        if text.startswith(self.emitted) and len(text) > len(self.emitted):
-            delta = text[len(self.emitted) :]
-            self.emitted = text
+        if len(text) > len(before) and text.startswith(before):
+            delta = text[len(before) :]
+            self._prefix, self._read = self._read, len(self.ids)
+            self.emitted += delta
             if self.on_text is not None:
                 self.on_text(delta)
+        elif not text.startswith(before):  # the window's text changed under it: resync on the whole answer
+            whole = self._decode(self.ids)
+            if whole.startswith(self.emitted) and len(whole) > len(self.emitted):
+                delta = whole[len(self.emitted) :]
+                self.emitted = whole
+                if self.on_text is not None:
+                    self.on_text(delta)
+            self._prefix = self._read = len(self.ids)
 
 
 class _ProcessorEngine:

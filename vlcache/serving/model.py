@@ -14,7 +14,8 @@ Contract:
   TensorRT run one request at a time).
 * ``execute`` checks each request and hands it to the service, then returns at once (the model is
   decoupled): the responses are sent later, from the service's thread, on each request's response
-  sender — one response per new piece of text (output ``text``), then a final response (flag
+  sender (through one sending thread, in order, so that the scheduler does not wait for Triton's
+  process) — one response per new piece of text (output ``text``), then a final response (flag
   ``FINAL``) with ``text`` empty and ``stats`` (JSON). A bad request gets one final response
   carrying an ``INVALID_ARG`` error whose message starts with ``INVALID_ARGUMENT:``; an unexpected
   failure gets ``INTERNAL`` (message ``INTERNAL: <type>: <message>``). Every request gets exactly
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import json
 import math
+import queue
 import threading
 from pathlib import Path
 from typing import Any
@@ -143,8 +145,38 @@ class MetricsExporter:
         self.families.clear()
 
 
+class _Outbox:
+    """Sends the responses on its own thread, in the order they were queued: a Python-backend
+    ``send`` waits for Triton's process, and the scheduler's thread should be deciding the next
+    decode step meanwhile (the step's ONNX Runtime call releases the GIL)."""
+
+    def __init__(self) -> None:
+        self.closed = False
+        self._queue: queue.SimpleQueue[tuple[_Stream, Any, int] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="vlcache-responses", daemon=True)
+        self._thread.start()
+
+    def put(self, stream: _Stream, response: Any, flags: int) -> None:
+        self._queue.put((stream, response, flags))
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            stream, response, flags = item
+            stream._send(response, flags)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Send what is queued, then stop (later responses are sent on the caller's thread)."""
+        self.closed = True
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+
 class _Stream:
-    """One request's response stream: at most one final response, whatever calls it."""
+    """One request's response stream: at most one final response, whatever calls it. Responses go
+    through the model's :class:`_Outbox` (or are sent at once when it has none)."""
 
     def __init__(self, model: ServedModel, request: Any) -> None:
         self.model = model
@@ -159,27 +191,39 @@ class _Stream:
             self._cancelled = bool(self.request.is_cancelled())
         return self._cancelled
 
+    def _queue(self, response: Any, flags: int) -> None:
+        outbox = getattr(self.model, "outbox", None)
+        if outbox is None or outbox.closed:
+            self._send(response, flags)
+        else:
+            outbox.put(self, response, flags)
+
+    def _send(self, response: Any, flags: int) -> None:
+        final = flags == self.model.pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        if not final and self.cancelled():
+            return
+        try:
+            if response is None:
+                self.sender.send(flags=flags)
+            elif final:
+                self.sender.send(response, flags=flags)
+            else:
+                self.sender.send(response)
+        except Exception as e:  # the client is gone (or the stream closed): stop generating for it
+            self._cancelled = True
+            what = "the final response" if final else "a response, request cancelled"
+            self.model.logger.log_warn(f"vlcache: could not send {what}: {e}")
+
     def text(self, delta: str) -> None:
         if delta and not self.closed and not self.cancelled():
-            try:
-                self.sender.send(self.model._response(delta))
-            except Exception as e:  # the client is gone: stop generating for it
-                self._cancelled = True
-                self.model.logger.log_warn(f"vlcache: could not send a response, request cancelled: {e}")
+            self._queue(self.model._response(delta), 0)
 
     def _final(self, response: Any | None) -> None:
         with self._lock:
             if self.closed:
                 return
             self.closed = True
-        final = self.model.pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-        try:
-            if response is None:
-                self.sender.send(flags=final)
-            else:
-                self.sender.send(response, flags=final)
-        except Exception as e:  # the stream is gone (cancelled, or already closed): nothing to tell
-            self.model.logger.log_warn(f"vlcache: could not send the final response: {e}")
+        self._queue(response, self.model.pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def error(self, message: str, code: str) -> None:
         self._final(self.model._error(message, code))
@@ -237,11 +281,13 @@ class ServedModel:
             "instance": str(args.get("model_instance_name") or "0"),
         }
         self.metrics = MetricsExporter(pb, labels)
+        self.outbox = _Outbox()
         try:
             self.service = Service(
                 self.engine, max_batch_size=max_batch_size, kv_cache_bytes=kv_cache_bytes, listener=self.metrics.update
             )
         except BaseException:
+            self.outbox.close()
             self.metrics.close()
             raise
         self.metrics.publish(self.service.metrics())  # once at load: every gauge exists from the start
@@ -265,6 +311,9 @@ class ServedModel:
         service = getattr(self, "service", None)
         if service is not None:
             service.close()
+        outbox = getattr(self, "outbox", None)
+        if outbox is not None:
+            outbox.close()  # after the service: the final responses it sent on closing go out first
         metrics = getattr(self, "metrics", None)
         if metrics is not None:
             metrics.close()
