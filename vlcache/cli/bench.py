@@ -94,13 +94,7 @@ def run(args: argparse.Namespace) -> int:
         args.requests = DEFAULT_REQUESTS
     if args.duration is not None and args.duration <= 0:
         raise UserError(f"--duration must be > 0, got {args.duration:g}")
-    if args.warmup < 0:
-        raise UserError(f"--warmup must be >= 0, got {args.warmup}")
-    try:
-        budgets = parse_budgets(args.budgets)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    check_output_dir(args.out, args.force)  # before the measurement, and again when writing
+    budgets = _checked(args)
 
     try:
         summaries, records = asyncio.run(bench.run(args, budgets))
@@ -114,13 +108,9 @@ def run(args: argparse.Namespace) -> int:
     return 0 if all(s["failed"] == 0 for s in summaries) else 1
 
 
-def run_capacity(args: argparse.Namespace) -> int:
-    """``--capacity``: search, print the table, write ``--out``; 0 when every request succeeded, else 1."""
-    for flag, value in (("--requests", args.requests), ("--duration", args.duration)):
-        if value is not None:
-            raise UserError(f"--capacity chooses the concurrency itself: drop {flag}")
-    if args.max_tokens < 2:
-        raise UserError("--capacity needs --max-tokens >= 2: a request decodes in a batch after its first token")
+def _checked(args: argparse.Namespace) -> list[float]:
+    """What both modes check before measuring: --warmup, the budgets, and --out (checked again when
+    writing); the budgets."""
     if args.warmup < 0:
         raise UserError(f"--warmup must be >= 0, got {args.warmup}")
     try:
@@ -128,6 +118,17 @@ def run_capacity(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UserError(str(e)) from None
     check_output_dir(args.out, args.force)
+    return budgets
+
+
+def run_capacity(args: argparse.Namespace) -> int:
+    """``--capacity``: search, print the table, write ``--out``; 0 when every request succeeded, else 1."""
+    for flag, value in (("--requests", args.requests), ("--duration", args.duration)):
+        if value is not None:
+            raise UserError(f"--capacity chooses the concurrency itself: drop {flag}")
+    if args.max_tokens < 2:
+        raise UserError("--capacity needs --max-tokens >= 2: a request decodes in a batch after its first token")
+    budgets = _checked(args)
     try:
         summaries, records = asyncio.run(capacity.run(args, budgets))
     except ClientError as e:
