@@ -10,7 +10,8 @@ answers mean nothing; this profile measures speed and memory only. Why this shap
 decoding does; and batching pays where weights dominate a step while compression pays where the KV
 cache does — this body puts one request's KV at ~10% of the weights, eight requests' at ~85%.
 
-Runs (each server is ``vlcache-serve`` on 127.0.0.1 with ``--threads 1``, stopped after its runs):
+Runs (each server is ``vlcache-serve`` on 127.0.0.1 with ``--threads 1`` unless ``--threads``, stopped
+after its runs):
 
 1. **batched** (``--max-batch-size 8``): ``vlcache-bench --budgets 1.0,0.1 --concurrency 8``.
 2. **one at a time** (``--max-batch-size 1``, the same scheduler with one row): the same load.
@@ -105,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiny-requests", type=int, default=64, help="requests per budget on llava-tiny")
     p.add_argument("--tiny-max-tokens", type=int, default=16, help="max_tokens on llava-tiny")
     p.add_argument("--runs", default="batched,serial,capacity,tiny", help="which runs, comma-separated")
+    p.add_argument("--threads", type=int, default=1, help="vlcache-serve --threads (ONNX Runtime intra-op threads)")
     p.add_argument("--quick", action="store_true", help="smoke run: 32 tokens, 4 requests, 16 tiny requests")
     args = p.parse_args(argv)
     if args.quick:
@@ -121,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     long_dir = out / "long2k"
     artifact = prepare_long2k(long_dir, commands, max_input_len=4096)
     extra = ["--images", str(long_dir / "images"), "--prompt", PROMPT]
-    serve = {"threads": 1, "instances": 1, "commands": commands, "timeout": 600.0}
+    serve = {"threads": args.threads, "instances": 1, "commands": commands, "timeout": 600.0}
     results: dict[str, Any] = {}
     for name, batch in (("batched", 8), ("serial", 1)):
         if name not in runs:
