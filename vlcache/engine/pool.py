@@ -184,11 +184,10 @@ class BatchKV:
             self.layers = []
             return
         capacities = np.max(np.asarray(needs, dtype=np.int64), axis=0)
-        shape = (len(rows), self.num_kv_heads, 0, self.head_dim)
         layers = []
         for layer in range(self.num_layers):
             cap = int(capacities[layer])
-            keys = np.zeros(shape[:2] + (cap,) + shape[3:], np.float32)
+            keys = np.zeros((len(rows), self.num_kv_heads, cap, self.head_dim), np.float32)
             values = np.zeros_like(keys)
             lengths = np.zeros(len(rows), np.int64)
             for r, src in enumerate(rows):

@@ -135,10 +135,6 @@ class SchedulerMetrics:
     pool_peak_bytes: int
     finished: int
 
-    @property
-    def pool_occupancy(self) -> float:
-        return self.pool_used_bytes / self.pool_capacity_bytes
-
 
 class _RowOps(CacheOps):
     """Row r of the batch as the pipeline's decode policy sees it (batch size 1)."""
@@ -316,9 +312,7 @@ class Scheduler:
         if seq._staged_bytes:
             self.pool.unstage(seq._staged_bytes)
             seq._staged_bytes = 0
-        seq._source = None
-        if seq.compression is not None:
-            seq.compression = None
+        seq._source = seq.compression = None  # the stats stay; the cache's bookkeeping goes
         self._finished += 1
         seq.done.set()
         if seq.on_finish is not None:

@@ -22,7 +22,6 @@ Contract of :class:`Service` (what :mod:`vlcache.serving.model` drives; the test
   worker thread (``pool_capacity_bytes`` 0 in the stats and metrics).
 * ``metrics()``: the gauges of :data:`vlcache.serving.protocol.METRICS` by name; ``listener`` (if
   given) is called with them on the service's thread whenever they may have changed.
-* ``generate(...)``: submit and wait; returns the stats or raises the error (tests, scripts).
 * ``close()``: open requests end with an error; the thread stops.
 """
 
@@ -169,21 +168,6 @@ class Service:
             )
         except ValueError as e:
             raise InvalidRequest(str(e)) from None
-
-    def generate(self, image: Image.Image, prompt: str, *, max_tokens: int, **kw: Any) -> dict[str, Any]:
-        """Submit and wait: the stats, or the request's error raised."""
-        box: dict[str, Any] = {}
-        event = threading.Event()
-
-        def done(stats: dict[str, Any] | None, error: BaseException | None) -> None:
-            box["stats"], box["error"] = stats, error
-            event.set()
-
-        self.submit(image, prompt, max_tokens=max_tokens, on_done=done, **kw)
-        event.wait()
-        if box["error"] is not None:
-            raise box["error"]
-        return box["stats"]
 
     # --- metrics ---------------------------------------------------------------------------------
     def metrics(self) -> dict[str, float]:
