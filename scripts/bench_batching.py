@@ -16,7 +16,9 @@ after its runs):
 1. **batched** (``--max-batch-size 8``): ``vlcache-bench --budgets 1.0,0.1 --concurrency 8``.
 2. **one at a time** (``--max-batch-size 1``, the same scheduler with one row): the same load.
 3. **capacity** (``--kv-cache-mb`` = ``--pool-full-requests`` × one full request's prefill, batch
-   cap 64): ``vlcache-bench --capacity --budgets 1.0,0.1``: the largest concurrency the pool admits.
+   cap 64, ``--max-prefill-tokens 0``: admission first, so a probe's requests all join before the
+   first one ends): ``vlcache-bench --capacity --budgets 1.0,0.1``: the largest concurrency the pool
+   admits.
 4. **bundled** ``llava-tiny`` at concurrency 8, budgets 1.0 / 0.1, batched.
 
 Prints a Markdown table, the target ratios, and one JSON line; writes ``OUT/summary.json``.
@@ -107,6 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiny-max-tokens", type=int, default=16, help="max_tokens on llava-tiny")
     p.add_argument("--runs", default="batched,serial,capacity,tiny", help="which runs, comma-separated")
     p.add_argument("--threads", type=int, default=1, help="vlcache-serve --threads (ONNX Runtime intra-op threads)")
+    p.add_argument(
+        "--max-prefill-tokens",
+        type=int,
+        default=None,
+        help="vlcache-serve --max-prefill-tokens of the batched and one-at-a-time servers (default: the server's)",
+    )
     p.add_argument("--quick", action="store_true", help="smoke run: 32 tokens, 4 requests, 16 tiny requests")
     args = p.parse_args(argv)
     if args.quick:
@@ -128,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, batch in (("batched", 8), ("serial", 1)):
         if name not in runs:
             continue
-        server = Serve(artifact, extra=["--max-batch-size", str(batch)], **serve)
+        prefill = [] if args.max_prefill_tokens is None else ["--max-prefill-tokens", str(args.max_prefill_tokens)]
+        server = Serve(artifact, extra=["--max-batch-size", str(batch), *prefill], **serve)
         try:
             warm(server, long_dir / name, extra, commands)
             results[name] = bench(server, name, long_dir, "1.0,0.1", args.concurrency, args.requests,
@@ -138,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     if "capacity" in runs:
         prompt_tokens = 2153
         pool_mb = args.pool_full_requests * full_request_mb(artifact, prompt_tokens, args.capacity_max_tokens)
-        server = Serve(artifact, extra=["--max-batch-size", "64", "--kv-cache-mb", f"{pool_mb:.3f}"], **serve)
+        # admission first (no prefill budget): a probe's requests all join before the first one ends
+        limits = ["--max-batch-size", "64", "--kv-cache-mb", f"{pool_mb:.3f}", "--max-prefill-tokens", "0"]
+        server = Serve(artifact, extra=limits, **serve)
         try:
             warm(server, long_dir / "capacity", extra, commands)
             results["capacity"] = bench(server, "capacity", long_dir, "1.0,0.1", 0, 0, args.capacity_max_tokens,

@@ -14,6 +14,10 @@ What it measures, in one process, on one ``LlavaForConditionalGeneration`` with 
   ``vlcache.runtime.stream`` — the loop ``vlcache.runtime.generate`` uses.
 * **onnx-standard**: the same with ``attention="standard"`` (standard ops: Concat-appended KV,
   MatMul→Softmax→MatMul; what TensorRT builds from).
+* **onnx-fused** feeds the prompt in chunks of ``--prefill-chunk`` tokens (the runner's default,
+  each chunk after the ones before in the same buffers: causal attention skips the upper triangle);
+  **onnx-fused-whole** (optional) is the same graph fed the whole prompt in one call, as
+  **onnx-standard** is: the prefill as it ran before chunking.
 
 Every backend runs the same compression pipeline (``vlcache.pipeline``) and the same token stream
 (``vlcache.stream.TokenStream``); a decode step is timed by the stream (feeding one token).
@@ -45,6 +49,7 @@ import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -53,7 +58,7 @@ from _timing import median_ms, round_robin
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from vlcache.cli import parse_budgets
-from vlcache.config import CompressionConfig
+from vlcache.config import DEFAULT_PREFILL_CHUNK, CompressionConfig
 from vlcache.hf.generation import stream as hf_stream
 from vlcache.stream import TokenStream
 
@@ -78,8 +83,10 @@ QUICK_RUN = {
 #: The image token id of the benchmark's random LLaVA: LLaVA-1.5's last vocabulary id, taken modulo
 #: ``--vocab`` (not :data:`vlcache.hf.tiny.IMAGE_TOKEN`, the tiny test model's).
 RANDOM_LLAVA_IMAGE_TOKEN_ID = 31999
-#: what runs: torch, and the ONNX Runtime runner on each decoder graph (``onnx-<attention>``)
-BACKENDS = ("torch", "onnx-standard", "onnx-fused")
+#: what runs: torch, and the ONNX Runtime runner on each decoder graph (``onnx-<attention>``);
+#: ``onnx-fused-whole`` is the fused graph fed the whole prompt in one call (no chunked prefill)
+BACKENDS = ("torch", "onnx-standard", "onnx-fused", "onnx-fused-whole")
+DEFAULT_BACKENDS = ("torch", "onnx-standard", "onnx-fused")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -113,7 +120,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--prefill-repeats", type=int, default=2, help="prefills per backend and budget (alternating); median reported"
     )
     p.add_argument("--threads", type=int, default=1, help="intra-op threads for every backend")
-    p.add_argument("--backends", default=",".join(BACKENDS), help=f"comma-separated subset of {', '.join(BACKENDS)}")
+    p.add_argument(
+        "--backends", default=",".join(DEFAULT_BACKENDS), help=f"comma-separated subset of {', '.join(BACKENDS)}"
+    )
+    p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=DEFAULT_PREFILL_CHUNK,
+        help="prompt tokens per decoder call of onnx-fused's prefill (onnx-standard and onnx-fused-whole feed the "
+        "whole prompt at once: the graphs as they ran before chunked prefill)",
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     base = QUICK_RUN if args.quick else FULL_RUN
@@ -129,8 +145,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(
             f"--context {args.context} is too short for {n_image} image tokens and a {args.question}-token question"
         )
-    if args.threads < 1 or args.prefill_repeats < 1:
-        p.error("--threads and --prefill-repeats must be >= 1")
+    if args.threads < 1 or args.prefill_repeats < 1 or args.prefill_chunk < 1:
+        p.error("--threads, --prefill-repeats and --prefill-chunk must be >= 1")
     args.backend_list = [b.strip() for b in args.backends.split(",") if b.strip()]
     unknown = sorted(set(args.backend_list) - set(BACKENDS))
     if unknown or not args.backend_list or len(set(args.backend_list)) != len(args.backend_list):
@@ -256,13 +272,15 @@ def main(argv: list[str] | None = None) -> int:
         for backend in backends:
             if not backend.startswith("onnx-"):
                 continue
-            attention = backend.removeprefix("onnx-")
-            te = time.perf_counter()
+            attention = backend.removeprefix("onnx-").removesuffix("-whole")
             folder = f"{tmp}/{attention}"
-            export_llava(model, folder, max_input_len=m + args.warmup + args.decode_steps + 8, attention=attention)
-            export_seconds[backend] = time.perf_counter() - te
-            print(f"exported the {attention} graphs in {export_seconds[backend]:.1f} s", flush=True)
-            runners[backend] = OnnxRunner(folder, threads=args.threads)
+            if not Path(folder).is_dir():
+                te = time.perf_counter()
+                export_llava(model, folder, max_input_len=m + args.warmup + args.decode_steps + 8, attention=attention)
+                export_seconds[attention] = time.perf_counter() - te
+                print(f"exported the {attention} graphs in {export_seconds[attention]:.1f} s", flush=True)
+            chunk = args.prefill_chunk if backend == "onnx-fused" else None
+            runners[backend] = OnnxRunner(folder, threads=args.threads, prefill_chunk=chunk)
         total = args.warmup + args.decode_steps
         for budget in args.budget_list:
             cfg = CompressionConfig(method="vlcache", budget=budget)
@@ -316,12 +334,12 @@ def main(argv: list[str] | None = None) -> int:
         if torch_r is not None:
             r["prefill_speed_vs_torch"] = _ratio(torch_r["prefill_s"], r["prefill_s"])
             r["decode_speed_vs_torch"] = _ratio(torch_r["decode_ms_per_token"], r["decode_ms_per_token"])
-        if std_r is not None and r["backend"] == "onnx-fused":
+        if std_r is not None and r["backend"].startswith("onnx-fused"):
             r["prefill_speed_vs_standard"] = _ratio(std_r["prefill_s"], r["prefill_s"])
             r["decode_speed_vs_standard"] = _ratio(std_r["decode_ms_per_token"], r["decode_ms_per_token"])
     print()
     header = (
-        f"{'budget':>6} {'backend':>13} {'prefill s':>9} {'scoring s':>9} {'decode ms/tok':>13} "
+        f"{'budget':>6} {'backend':>16} {'prefill s':>9} {'scoring s':>9} {'decode ms/tok':>13} "
         f"{'prefill vs torch':>16} {'decode vs torch':>15} {'KV MB before':>12} {'KV MB after':>11} "
         f"{'KV MB reserved':>14} {'tokens = torch':>14}"
     )
@@ -335,18 +353,19 @@ def main(argv: list[str] | None = None) -> int:
         for backend in backends:
             r = by[(backend, budget)]
             print(
-                f"{budget:>6.2f} {backend:>13} {r['prefill_s']:>9.2f} {r['scoring_s']:>9.3f} "
+                f"{budget:>6.2f} {backend:>16} {r['prefill_s']:>9.2f} {r['scoring_s']:>9.3f} "
                 f"{r['decode_ms_per_token']:>13.1f} {speed(r.get('prefill_speed_vs_torch')):>16} "
                 f"{speed(r.get('decode_speed_vs_torch')):>15} {r['kv_bytes_before'] / 1e6:>12.1f} "
                 f"{r['kv_bytes_after'] / 1e6:>11.1f} {r['kv_bytes_reserved'] / 1e6:>14.1f} "
                 f"{str(r['tokens_agree_with_torch']):>14}"
             )
-        fused = by.get(("onnx-fused", budget))
-        if fused is not None and "prefill_speed_vs_standard" in fused:
-            print(
-                f"{'':>6} fused vs standard: prefill {fused['prefill_speed_vs_standard']:.2f}x, "
-                f"decode {fused['decode_speed_vs_standard']:.2f}x"
-            )
+        for name in ("onnx-fused", "onnx-fused-whole"):
+            fused = by.get((name, budget))
+            if fused is not None and "prefill_speed_vs_standard" in fused:
+                print(
+                    f"{'':>6} {name.removeprefix('onnx-')} vs standard: prefill {fused['prefill_speed_vs_standard']:.2f}x, "
+                    f"decode {fused['decode_speed_vs_standard']:.2f}x"
+                )
     summary = {
         "model": {
             "hidden": args.hidden,
@@ -361,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "backends": backends,
         "threads": args.threads,
+        "prefill_chunk": args.prefill_chunk,
         "decode_steps": args.decode_steps,
         "warmup": args.warmup,
         "prefill_repeats": args.prefill_repeats,

@@ -23,6 +23,11 @@ plots), ``OUT/summary.json`` (machine, commands, every summary; ``summary-<model
 budget, one prefill each and then the decode steps in round-robin so that load from other jobs on a
 shared machine hits every budget alike (``vlcache-bench`` measures the budgets one after another).
 
+``prefill`` (not in the default list; builds the long artifact first when missing): no server; the long
+artifact's prefill time per decoder path side by side — the standard-op graph fed the whole prompt
+(what was served before the fused graph), the fused graph fed the whole prompt, and the fused graph
+in chunks (the default) — ``--prefill-repeats`` alternating rounds, median.
+
     .venv/bin/python scripts/bench_serving.py                  # the docs' run (about 30 minutes on 2 shared cores)
     .venv/bin/python scripts/bench_serving.py --quick          # smoke run: 4 tokens, 1 long request per level
 """
@@ -251,6 +256,70 @@ def decode_check(
     return out
 
 
+#: the long profile's prefill paths side by side: (name, decoder graph, prompt tokens per decoder call)
+PREFILL_PATHS = (
+    ("standard, whole prompt (served until 2026-11-28)", "standard", None),
+    ("fused, whole prompt", "fused", None),
+    ("fused, chunked (default)", "fused", "default"),
+)
+
+
+def prefill_check(out: Path, repeats: int, threads: int) -> list[dict[str, Any]]:
+    """The long profile's prefill (vision tower + prompt pass, scoring excluded) per decoder path of
+    :data:`PREFILL_PATHS`, on one request's prompt, ``repeats`` times in alternation (median): the
+    standard-op graph (what serving ran before the fused one) is exported from the same checkpoint
+    into ``OUT/long/standard``; every path runs on the same ONNX Runtime threads."""
+    import statistics
+
+    from PIL import Image
+
+    from vlcache.config import DEFAULT_PREFILL_CHUNK, CompressionConfig
+    from vlcache.export import export_llava
+    from vlcache.hf.loading import load_model
+    from vlcache.runtime import OnnxRunner, prefill
+    from vlcache.serving import load_engine
+
+    artifact, standard = out / "artifact", out / "standard"
+    engine: Any = load_engine(artifact)
+    image = Image.open(sorted((out / "images").glob("*.png"))[0]).convert("RGB")
+    batch = engine.tokenize(image, LONG_PROMPT)
+    if not (standard / "export.json").is_file():
+        log(f"exporting the standard-op decoder into {standard}")
+        model = load_model(str(out / "hf")).model
+        export_llava(model, standard, max_input_len=engine.runner.spec.max_input_len, attention="standard")
+        del model
+    options = {"threads": threads or None}
+    folders = {"standard": standard, "fused": engine.runner.directory}
+    runners = {
+        name: OnnxRunner(
+            folders[graph], **options, prefill_chunk=DEFAULT_PREFILL_CHUNK if chunk == "default" else chunk
+        )
+        for name, graph, chunk in PREFILL_PATHS
+    }
+    config = CompressionConfig(budget=0.1)
+    seconds: dict[str, list[float]] = {name: [] for name in runners}
+    for repeat in range(repeats):
+        for name, runner in runners.items():
+            state = prefill(runner, batch["input_ids"], batch.get("pixel_values"), config, max_new_tokens=4)
+            assert state.stats is not None
+            seconds[name].append(state.stats.prefill_seconds)
+            state.close()
+            log(f"prefill check {repeat + 1}/{repeats}: {name}: {seconds[name][-1]:.1f} s")
+    base = statistics.median(seconds[PREFILL_PATHS[0][0]])
+    return [
+        {
+            "path": name,
+            "prefill_chunk": runners[name].prefill_chunk,
+            "prompt_tokens": int(batch["input_ids"].shape[1]),
+            "prefill_seconds": statistics.median(seconds[name]),
+            "prefill_seconds_all": seconds[name],
+            "speed_vs_standard": base / statistics.median(seconds[name]),
+            "threads": threads or "onnxruntime default",
+        }
+        for name in runners
+    ]
+
+
 def _ms(d: dict[str, Any], k: str, digits: int = 0) -> str:
     v = d.get(k)
     return "–" if v is None else f"{v:,.{digits}f}"
@@ -335,8 +404,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--models",
         default="long,tiny,decode",
-        help="comma-separated: long, tiny, decode (round-robin decode ms/token of the long artifact, no server)",
+        help="comma-separated: long, tiny, decode (round-robin decode ms/token of the long artifact, no server), "
+        "prefill (the long artifact's prefill per decoder path, no server; after long)",
     )
+    p.add_argument("--prefill-repeats", type=int, default=2, help="prefills per path of the prefill check (median)")
     p.add_argument("--decode-steps", type=int, default=48, help="measured steps per budget of the decode check")
     p.add_argument("--budgets", default="1.0,0.1,0.05", help="budgets α, side by side in each vlcache-bench run")
     p.add_argument("--concurrency-levels", default="1,8", help="one vlcache-bench run per level")
@@ -391,8 +462,15 @@ def main(argv: list[str] | None = None) -> int:
             args.commands.append(
                 f"# decode check in-process: scripts/bench_serving.py decode_check({args.decode_steps} steps)"
             )
+        elif name == "prefill":
+            if not (args.out / "long" / "artifact" / "manifest.json").is_file():
+                prepare_long(args.out / "long", args.commands, args.rebuild_checkpoint)
+            summary["prefill_check"] = prefill_check(args.out / "long", args.prefill_repeats, args.threads)
+            args.commands.append(
+                f"# prefill check in-process: scripts/bench_serving.py prefill_check({args.prefill_repeats} repeats)"
+            )
         else:
-            p.error(f"unknown model {name!r} (long, tiny, decode)")
+            p.error(f"unknown model {name!r} (long, tiny, decode, prefill)")
     summary.update(
         finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         wall_seconds=time.perf_counter() - t0,
@@ -417,6 +495,11 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"decode check α={d['budget']:g}: {d['decode_ms_median']:.1f} ms/token median (p90 {d['decode_ms_p90']:.1f}), "
             f"KV {d['kv_bytes_after'] / 1e6:.1f} MB, prefill {d['prefill_seconds']:.1f} s + scoring {d['scoring_seconds']:.2f} s"
+        )
+    for d in summary.get("prefill_check", []):
+        print(
+            f"prefill check, {d['path']}: {d['prefill_seconds']:.1f} s for {d['prompt_tokens']} tokens "
+            f"(×{d['speed_vs_standard']:.2f} vs the standard graph; runs {', '.join(f'{x:.1f}' for x in d['prefill_seconds_all'])})"
         )
     print(f"wall {summary['wall_seconds']:.0f} s; wrote {path}")
     return 0

@@ -234,6 +234,44 @@ def test_every_method_keeps_generates_and_reports_the_same_on_torch_and_onnx(fre
             assert stats["new_tokens"] == ref_stats["new_tokens"] == 6
 
 
+@pytest.mark.parametrize("method", ["vlcache", "snapkv", "h2o", "tgvkv", "full"])
+def test_a_chunked_prefill_equals_the_whole_prompt_pass(fresh, method):
+    """Feeding the prompt in chunks (1, 5 or 16 tokens per decoder call, each after the ones before in
+    the same buffers) gives the whole-prompt pass's tokens, logits, kept sets and stats, on both
+    decoder graphs; the chunks' query rows reach scoring complete."""
+    model, runners = fresh
+    inputs = llava_inputs(model, question_len=11, seed=230)
+    cfg = CompressionConfig.create(method, 0.2, **settings_read_by(method, {"window": 6}))
+    for attention, runner in runners.items():
+        old = runner.prefill_chunk
+        try:
+            runner.prefill_chunk = None
+            ref = generate(
+                runner, inputs["input_ids"], inputs["pixel_values"], cfg, max_new_tokens=5, return_logits=True
+            )
+            for chunk in (1, 5, 16):
+                runner.prefill_chunk = chunk
+                res = generate(
+                    runner, inputs["input_ids"], inputs["pixel_values"], cfg, max_new_tokens=5, return_logits=True
+                )
+                where = f"{method}, {attention}, chunk {chunk}"
+                assert res.tokens == ref.tokens, where
+                np.testing.assert_allclose(np.stack(res.logits), np.stack(ref.logits), atol=1e-5, err_msg=where)
+                for ours, theirs in zip(res.kept_indices, ref.kept_indices, strict=True):
+                    assert (ours is None) == (theirs is None) and (ours is None or torch.equal(ours, theirs)), where
+                stats, ref_stats = res.stats.to_dict(), ref.stats.to_dict()
+                assert {k: v for k, v in stats.items() if k not in CompressionStats.TIMINGS} == {
+                    k: v for k, v in ref_stats.items() if k not in CompressionStats.TIMINGS
+                }, where
+        finally:
+            runner.prefill_chunk = old
+
+
+def test_prefill_chunk_must_be_positive(export_dir):
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        load_runtime(export_dir, backend="onnx", prefill_chunk=0)
+
+
 def test_a_cancelled_stream_frees_its_buffers(llava, fused_runner):
     """Closing a runner's token stream mid-generation is cancelling it: the per-layer KV buffers are
     released at once (nothing else holds them), the stats stay."""

@@ -93,6 +93,79 @@ def test_batched_tokens_and_stats_equal_solo_runs_for_mixed_methods_and_budgets(
     assert sched.pool.used == 0 and sched.pool.peak <= sched.pool.capacity
 
 
+@pytest.mark.parametrize("max_prefill_tokens", [5, 10, 0])
+def test_chunked_prefills_interleave_with_decode_steps_and_change_no_token(
+    model_and_runner, monkeypatch, max_prefill_tokens
+):
+    """With a chunk of 5 prompt tokens, prefills run piece by piece between the running batch's decode
+    steps, at most ``max_prefill_tokens`` prompt tokens between two steps (whole chunks, at least
+    one; 0: every waiting request is prefilled before the next step), and every request's tokens,
+    kept sets and evictions are still those of its solo, whole-prompt run."""
+    from vlcache.engine import scheduler as scheduler_module
+
+    model, runner = model_and_runner
+    reqs = _requests(model, seed=70)
+    solo = _solo(runner, reqs)
+    log: list[tuple[str, int]] = []  # ("chunk", tokens fed) and ("step", rows left after it), in order
+
+    class Logged(scheduler_module.PromptPrefill):
+        def advance(self) -> bool:
+            before = self.fed
+            done = super().advance()
+            log.append(("chunk", self.fed - before))
+            return done
+
+    original_step = Scheduler._step
+
+    def logged_step(self) -> None:
+        original_step(self)
+        log.append(("step", len(self.batch)))
+
+    monkeypatch.setattr(scheduler_module, "PromptPrefill", Logged)
+    monkeypatch.setattr(Scheduler, "_step", logged_step)
+    monkeypatch.setattr(runner, "prefill_chunk", 5)
+    sched = Scheduler(runner, pool_bytes=64 * 2**20, max_batch_size=16, max_prefill_tokens=max_prefill_tokens)
+    try:
+        seqs = _submit_all(sched, reqs)
+    finally:
+        sched.close()
+    for seq, ref, (_, config, _) in zip(seqs, solo, reqs, strict=True):
+        where = f"{config.method} at {config.budget}"
+        assert seq.error is None, (where, seq.error)
+        assert seq.tokens == ref.tokens, where
+        assert seq.stats is not None and seq.stats.kept_per_layer == ref.stats.kept_per_layer, where
+        assert seq.stats.decode_evictions == ref.stats.decode_evictions, where
+    assert min(-(-s.prompt_len // 5) for s in seqs) > 2  # every prompt takes several chunks
+    # prompt tokens fed between two decode steps, after steps that left rows decoding
+    first_step = next(i for i, (kind, _) in enumerate(log) if kind == "step")
+    between, fed, running = [], 0, False
+    for kind, n in log[first_step:]:
+        if kind == "step":
+            if running:
+                between.append(fed)
+            fed, running = 0, n > 0
+        else:
+            fed += n
+    prefill_tokens = sum(s.prompt_len for s in seqs)
+    if max_prefill_tokens:
+        assert max(between) <= max_prefill_tokens, between
+        assert any(between), "no prefill ran between two decode steps of a running batch"
+        if max_prefill_tokens == 10:
+            assert max(between) == 10  # two chunks between two steps
+    else:
+        # every request was prefilled before the first step
+        assert sum(n for kind, n in log[:first_step] if kind == "chunk") == prefill_tokens
+        assert between == [0] * len(between)
+    assert sched.pool.used == 0
+
+
+def test_max_prefill_tokens_is_checked(model_and_runner):
+    _, runner = model_and_runner
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="max_prefill_tokens"):
+            Scheduler(runner, pool_bytes=2**20, max_prefill_tokens=bad)
+
+
 def test_tokens_are_streamed_in_order_on_the_scheduler_thread(model_and_runner):
     model, runner = model_and_runner
     reqs = _requests(model, seed=40)[:4]

@@ -155,12 +155,19 @@ def test_render_repository_fills_the_protocol_in(artifact: Path, tmp_path: Path)
     assert 'key: "max_tokens_cap" value: { string_value: "77" }' in config
     # batching: empty parameters = the build's batch size and the default pool (the model decides)
     assert "max_batch_size: 0" in config  # Triton's own batching stays off: the model batches itself
-    for key in ("max_batch_size", "kv_cache_mb", "kv_cache_fraction"):
+    for key in ("max_batch_size", "kv_cache_mb", "kv_cache_fraction", "max_prefill_tokens"):
         assert f'key: "{key}" value: {{ string_value: "" }}' in config
-    batched = render_repository(artifact, out=tmp_path / "batched", max_batch_size=3, kv_cache_mb=1.5)
+    batched = render_repository(
+        artifact, out=tmp_path / "batched", max_batch_size=3, kv_cache_mb=1.5, max_prefill_tokens=512
+    )
     config = (batched / "vlcache" / "config.pbtxt").read_text()
     assert 'key: "max_batch_size" value: { string_value: "3" }' in config
     assert 'key: "kv_cache_mb" value: { string_value: "1.5" }' in config
+    assert 'key: "max_prefill_tokens" value: { string_value: "512" }' in config
+    unlimited = render_repository(artifact, out=tmp_path / "unlimited", max_prefill_tokens=0)  # 0: no limit
+    assert (
+        'key: "max_prefill_tokens" value: { string_value: "0" }' in (unlimited / "vlcache" / "config.pbtxt").read_text()
+    )
     model_py = (repo / "vlcache" / "1" / "model.py").read_text()
     assert "class TritonPythonModel(ServedModel)" in model_py and len(model_py.splitlines()) < 15
     # rendered elsewhere: the artifact is referenced by absolute path
@@ -183,6 +190,10 @@ def test_render_fails_on_unfilled_placeholders_and_bad_settings(artifact: Path):
         render_repository(artifact, kv_cache_mb=-2)
     with pytest.raises(RenderError, match=r"kv_cache_fraction must lie in \(0, 1\], got 2"):
         render_repository(artifact, kv_cache_fraction=2)
+    with pytest.raises(RenderError, match="max_prefill_tokens must be an integer >= 0, got -1"):
+        render_repository(artifact, max_prefill_tokens=-1)
+    with pytest.raises(RenderError, match="max_prefill_tokens must be an integer >= 0, got 2.5"):
+        render_repository(artifact, max_prefill_tokens=2.5)  # type: ignore[arg-type]
 
 
 # --- the torch engine ------------------------------------------------------------------------------
@@ -474,10 +485,15 @@ def test_served_model_hands_requests_to_the_batching_service(onnx_artifact: Path
         expected[n]["text"] = "".join(_deltas(reference, question, n))
     monkeypatch.setattr(_StandInTriton, "gauges", {})
     monkeypatch.setattr(_StandInTriton, "logged", [])
-    model = _served_model(tmp_path, artifact_dir=str(onnx_artifact), max_batch_size="2", kv_cache_mb="64")
+    model = _served_model(
+        tmp_path, artifact_dir=str(onnx_artifact), max_batch_size="2", kv_cache_mb="64", max_prefill_tokens="256"
+    )
+    model.cancel_poll_interval = 0.0  # every poll asks: `late` is cancelled right after its first response
     try:
         assert model.service.batching and model.service.max_batch_size == 2
         assert model.service.kv_cache_bytes == 64 * 2**20
+        assert model.service.max_prefill_tokens == 256
+        assert any("prefilling at most 256 prompt tokens" in m for kind, m in _StandInTriton.logged if kind == "info")
         # every gauge exists from the load on, labelled with the model and the instance
         assert {name for name, _ in _StandInTriton.gauges} == set(protocol.METRICS)
         assert _gauge(protocol.METRIC_POOL_CAPACITY) == [64 * 2**20] and _gauge(protocol.METRIC_POOL_USED) == [0.0]
@@ -525,6 +541,36 @@ def test_served_model_hands_requests_to_the_batching_service(onnx_artifact: Path
     assert after.final().error.message == "INTERNAL: RuntimeError: the service is closed"
 
 
+def test_a_stream_asks_triton_about_cancellation_at_most_once_per_interval():
+    """``is_cancelled()`` is a round trip to Triton's process: polled after every token of every row
+    it would cost the batch's decode step; a stream asks at most once per interval and remembers a
+    cancellation for good."""
+    import time
+
+    from vlcache.serving.model import ServedModel, _Stream
+
+    class Counting(_StandInRequest):
+        asked = 0
+        flag = False
+
+        def is_cancelled(self) -> bool:
+            self.asked += 1
+            return self.flag
+
+    model = ServedModel()
+    model.cancel_poll_interval = 0.2
+    request = Counting({})
+    stream = _Stream(model, request)
+    assert not any(stream.cancelled() for _ in range(1000))
+    assert request.asked == 1
+    request.flag = True
+    assert not stream.cancelled() and request.asked == 1  # not asked again within the interval
+    time.sleep(0.25)
+    assert stream.cancelled() and request.asked == 2
+    request.flag = False
+    assert stream.cancelled() and request.asked == 2  # a cancellation is final; no more questions
+
+
 def _deltas(engine, question: str, max_tokens: int) -> list[str]:
     out: list[str] = []
     engine.generate(_scene().image, question, max_tokens=max_tokens, on_text=out.append)
@@ -539,6 +585,9 @@ def _deltas(engine, question: str, max_tokens: int) -> list[str]:
         ({"kv_cache_mb": "-1"}, "kv_cache_mb must be a number > 0, got '-1'"),
         ({"kv_cache_mb": "nan"}, "kv_cache_mb must be a number > 0, got 'nan'"),
         ({"kv_cache_fraction": "1.5"}, r"kv_cache_fraction must be a number in \(0, 1\], got '1.5'"),
+        ({"max_prefill_tokens": "-1"}, "max_prefill_tokens must be an integer >= 0, got '-1'"),
+        ({"max_prefill_tokens": "2.5"}, "max_prefill_tokens must be an integer >= 0, got '2.5'"),
+        ({"max_prefill_tokens": "lots"}, "max_prefill_tokens must be an integer >= 0, got 'lots'"),
     ],
 )
 def test_served_model_refuses_bad_batching_parameters(params: dict, message: str):
@@ -548,7 +597,10 @@ def test_served_model_refuses_bad_batching_parameters(params: dict, message: str
     with pytest.raises(ValueError, match=message):
         service_settings(params)
     assert service_settings({"max_batch_size": "", "kv_cache_mb": ""})[0] is None
-    assert service_settings({"kv_cache_mb": "1.5"}) == (None, int(1.5 * 2**20))
+    assert service_settings({"kv_cache_mb": "1.5"}) == (None, int(1.5 * 2**20), None)
+    assert service_settings({"max_prefill_tokens": ""})[2] is None  # empty: the default
+    assert service_settings({"max_prefill_tokens": "0"})[2] == 0  # 0: no limit
+    assert service_settings({"max_prefill_tokens": "4096"})[2] == 4096
     default = service_settings({})[1]
     assert abs(default - DEFAULT_POOL_FRACTION * available_memory_bytes()) < 0.05 * default
 
@@ -606,6 +658,8 @@ def test_serve_and_bench_report_user_mistakes_on_one_line(tmp_path: Path, capsys
         ("--max-batch-size", "0", "argument --max-batch-size: must be >= 1, got 0"),
         ("--kv-cache-mb", "0", "argument --kv-cache-mb: must be > 0, got 0"),
         ("--kv-cache-mb", "lots", "argument --kv-cache-mb: invalid number: 'lots'"),
+        ("--max-prefill-tokens", "-1", "argument --max-prefill-tokens: must be >= 0, got -1"),
+        ("--max-prefill-tokens", "2.5", "argument --max-prefill-tokens: invalid int value: '2.5'"),
     ]:
         code, err = _exit(serve_main, [str(tmp_path), flag, value], capsys)
         assert code == 2 and err.startswith(f"vlcache-serve: error: {message}") and err.count("\n") == 1, err
@@ -629,6 +683,7 @@ def test_free_ports_are_all_different():
 
 def test_serve_help_states_the_batching_defaults(capsys):
     from vlcache.cli.serve import main as serve_main
+    from vlcache.config import DEFAULT_MAX_PREFILL_TOKENS
     from vlcache.engine.pool import DEFAULT_POOL_FRACTION
 
     with pytest.raises(SystemExit) as e:
@@ -637,6 +692,8 @@ def test_serve_help_states_the_batching_defaults(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: the build's max_batch_size)" in text
     assert f"(default: {DEFAULT_POOL_FRACTION:.0%} of the memory available when the model loads)" in text
+    assert "0: no limit (every waiting request that fits is prefilled before the next decode step) " in text
+    assert f"(default: {DEFAULT_MAX_PREFILL_TOKENS})" in text  # serve.py states the figure without importing it
     assert "(default: None)" not in text
 
 

@@ -156,10 +156,20 @@ ARTIFACT_BACKENDS = BACKENDS
 RUNTIME_BACKENDS = ("auto", *(b for b in BACKENDS if b not in ("torch", "trtllm")))
 #: Weight and activation dtypes, by their torch names (``getattr(torch, name)``).
 DTYPES = ("float32", "float16", "bfloat16")
-#: Bump when the artifact layout or the meaning of a field changes.
 #: requests decoded together by the served in-flight scheduler, unless the build or the server says otherwise
 DEFAULT_MAX_BATCH_SIZE = 8
+#: prompt tokens per decoder call of a chunked prefill (ONNX Runtime): each chunk attends only to the
+#: keys before it, so causal attention skips the upper triangle a whole-prompt call computes
+#: (measured 10-15% faster at 2k-8k tokens; docs/benchmarks.md), and a running batch waits at most one
+#: chunk for a new request's prefill
+DEFAULT_PREFILL_CHUNK = 512
+#: prompt tokens the served scheduler prefills between two decode steps while a batch is decoding
+#: (whole chunks; 0: no limit, every waiting request that fits is prefilled before the next step):
+#: vLLM's ``max_num_batched_tokens`` idea — a burst of short prompts still fills the batch at once,
+#: a long prompt delays the running rows' next token by about this many tokens' prefill, not its whole
+DEFAULT_MAX_PREFILL_TOKENS = 2048
 
+#: Bump when the artifact layout or the meaning of a field changes.
 ARTIFACT_FORMAT = 3  # 2: the build config is the one source (no top-level copies in manifest.json);
 # 3: the compression config holds its method's settings only
 

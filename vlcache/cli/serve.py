@@ -3,9 +3,10 @@
     vlcache-serve artifacts/llava-tiny --grpc-port 8001 --instances 1
 
 ``--host 0.0.0.0`` binds every interface instead (what the container image does: docker/Dockerfile).
-``--max-batch-size N`` and ``--kv-cache-mb M`` set the in-flight batching of each instance (default:
-the build's batch size and a pool of 25% of the memory available at load); like ``--instances``,
-``--threads`` and ``--max-tokens-cap`` they serve a rendered copy of the repository.
+``--max-batch-size N``, ``--kv-cache-mb M`` and ``--max-prefill-tokens N`` set the in-flight batching
+of each instance (default: the build's batch size, a pool of 25% of the memory available at load and
+2048 prompt tokens prefilled between two decode steps); like ``--instances``, ``--threads`` and
+``--max-tokens-cap`` they serve a rendered copy of the repository.
 
 Runs :func:`vlcache.serving.server.serve` on :meth:`TritonServer.for_artifact
 <vlcache.serving.server.TritonServer.for_artifact>` (the artifact is verified first) until SIGTERM
@@ -21,7 +22,7 @@ import math
 import sys
 from collections.abc import Sequence
 
-from vlcache.cli import Parser, positive_int, run_main
+from vlcache.cli import Parser, non_negative_int, positive_int, run_main
 
 PROG = "vlcache-serve"
 
@@ -87,6 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
         # vlcache.engine.pool.DEFAULT_POOL_FRACTION (not imported: it loads torch; a test checks the figure)
         "(default: 25%% of the memory available when the model loads)",
     )
+    p.add_argument(
+        "--max-prefill-tokens",
+        type=non_negative_int,
+        default=None,
+        metavar="N",
+        help="prompt tokens prefilled between two decode steps while a batch decodes: a long prompt is prefilled "
+        "in chunks between the running requests' tokens; 0: no limit (every waiting request that fits is "
+        "prefilled before the next decode step) "
+        # vlcache.config.DEFAULT_MAX_PREFILL_TOKENS (not imported: it loads torch; a test checks the figure)
+        "(default: 2048)",
+    )
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the model to be ready")
     return p
 
@@ -120,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
         max_tokens_cap=args.max_tokens_cap,
         max_batch_size=args.max_batch_size,
         kv_cache_mb=args.kv_cache_mb,
+        max_prefill_tokens=args.max_prefill_tokens,
         host=args.host,
         grpc_port=args.grpc_port,
         http_port=args.http_port,

@@ -8,14 +8,17 @@ Contract:
   pool). Everything else happens on the scheduler's own thread, which alternates:
 
   1. **admission** — the queue's head is prefilled (vision tower, prompt, scoring, compaction: the
-     one pipeline of :func:`vlcache.runtime.loop.prefill`, at batch size 1) when the batch has a free
-     row and the pool has room for its prefill buffers (``L · (m + max_tokens)`` entries). Its first
-     token is sent at once. It then joins the batch when the rebuilt buffers fit in the pool;
+     one pipeline of :class:`vlcache.runtime.loop.PromptPrefill`, at batch size 1) when the batch has
+     a free row and the pool has room for its prefill buffers (``L · (m + max_tokens)`` entries). Its
+     first token is sent at once. It then joins the batch when the rebuilt buffers fit in the pool;
      until then it waits, staged, and no other prefill starts (first come, first served).
-     Admission comes first: every waiting request that fits is prefilled before the next decode
-     step (the order of vLLM's scheduler without chunked prefill): the batch fills at once and TTFT
-     stays low under a burst, at the price of a pause in the running rows' tokens while the burst
-     prefills. Chunked prefill is not implemented.
+     **Chunked prefill**: a prefill runs in the runner's chunks (``runner.prefill_chunk`` prompt
+     tokens per decoder call; the checks, embedding and vision tower come first, as one more
+     piece). While no batch is decoding, prefills run back to back. While a batch decodes, pieces
+     run between two decode steps until ``max_prefill_tokens`` prompt tokens were fed (at least
+     one piece; 0: no limit) — vLLM's token budget per step: a burst of short prompts still fills
+     the batch at once, and a long prompt delays the running rows' next token by about
+     ``max_prefill_tokens`` tokens' prefill instead of its whole prefill.
   2. **a decode step** — one decoder call for every row (each at its own position, over its own
      per-layer lengths), then per row: the method's decode policy (TGV-KV), the greedy token, the
      stop checks and the ``cancelled()`` poll. Rows that finished, were cancelled or failed leave
@@ -48,10 +51,11 @@ from typing import Any
 
 import numpy as np
 
-from vlcache.config import DEFAULT_MAX_BATCH_SIZE, CompressionConfig
+from vlcache.config import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_PREFILL_TOKENS, CompressionConfig
 from vlcache.engine.pool import BatchKV, KVPool, RowSource
 from vlcache.pipeline import CacheOps, Compression, CompressionStats
 from vlcache.runtime.base import Runner
+from vlcache.runtime.loop import PromptPrefill
 
 TokenCallback = Callable[[int], None]
 FinishCallback = Callable[["Sequence"], None]
@@ -167,6 +171,8 @@ class Scheduler:
         runner: a runner that :func:`batches` (ONNX Runtime on the fused decoder).
         pool_bytes: the pool's capacity in bytes.
         max_batch_size: rows decoded together at most.
+        max_prefill_tokens: prompt tokens prefilled between two decode steps while a batch decodes
+            (whole chunks, at least one; 0: no limit); see the module docstring.
         listener: called on the scheduler's thread with :meth:`metrics` after every iteration that
             changed something (e.g. to export them).
     """
@@ -177,6 +183,7 @@ class Scheduler:
         *,
         pool_bytes: int,
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS,
         listener: Callable[[SchedulerMetrics], None] | None = None,
     ) -> None:
         if not batches(runner):
@@ -186,6 +193,9 @@ class Scheduler:
             )
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
+        if isinstance(max_prefill_tokens, bool) or not isinstance(max_prefill_tokens, int) or max_prefill_tokens < 0:
+            raise ValueError(f"max_prefill_tokens must be an integer >= 0 (0: no limit), got {max_prefill_tokens!r}")
+        self.max_prefill_tokens = max_prefill_tokens
         spec = runner.spec
         self.runner = runner
         self.pool = KVPool(pool_bytes)
@@ -195,6 +205,8 @@ class Scheduler:
         self.batch: list[Sequence] = []
         self._waiting: deque[Sequence] = deque()
         self._staged: Sequence | None = None
+        self._job: PromptPrefill | None = None  # the staged request's prefill while it runs
+        self._fed = 0  # prompt tokens prefilled in this iteration
         self._ids = itertools.count()
         self._finished = 0
         self._cond = threading.Condition()
@@ -284,9 +296,11 @@ class Scheduler:
                     self._cond.wait()
                 if self._stopping:
                     break
-            changed = False
-            while self._admit():  # admission first: every waiting request that fits, then a step
+            changed, self._fed = False, 0
+            while self._admit():  # admission first: every waiting request that fits, then a step ...
                 changed = True
+                if self.batch and self.max_prefill_tokens and self._fed >= self.max_prefill_tokens:
+                    break  # ... but at most max_prefill_tokens prompt tokens while a batch is running
             if self.batch:
                 self._step()
                 changed = True
@@ -301,7 +315,7 @@ class Scheduler:
             self._waiting.clear()
         for seq in open_:
             self._finish(seq, error=error)
-        self.batch, self._staged = [], None
+        self.batch, self._staged, self._job = [], None, None
         self.kv.rebuild([], [])
         self.pool.set_batch(0)
 
@@ -347,8 +361,11 @@ class Scheduler:
                 self._finish(seq, "cancelled")
         if self._staged is not None:
             if self._staged.is_cancelled():
-                staged, self._staged = self._staged, None
+                staged, self._staged, self._job = self._staged, None, None
                 self._finish(staged, "cancelled")
+                return True
+            if self._job is not None:
+                self._advance(self._staged, self._job)
                 return True
             return self._join()
         with self._cond:
@@ -362,20 +379,30 @@ class Scheduler:
             self._staged = head
         head._staged_bytes = need
         self.pool.stage(need)
-        self._prefill(head)
-        if self._staged is head:
-            self._join()
-        return True
-
-    def _prefill(self, seq: Sequence) -> None:
-        from vlcache.runtime.loop import prefill
-
-        seq.admitted = time.perf_counter()
+        head.admitted = time.perf_counter()
+        # the checks, the embedding and the vision tower: a piece of its own (no prompt tokens)
         try:
-            state = prefill(self.runner, seq.input_ids, seq.pixel_values, seq.config, max_new_tokens=seq.max_tokens)
-            reason = self._emit(seq, state.greedy())
+            self._job = PromptPrefill(
+                self.runner, head.input_ids, head.pixel_values, head.config, max_new_tokens=head.max_tokens
+            )
         except Exception as e:  # noqa: BLE001 - this request fails alone
             self._staged = None
+            self._finish(head, error=e)
+        return True
+
+    def _advance(self, seq: Sequence, job: PromptPrefill) -> None:
+        """Run the next chunk of ``seq``'s prefill; after the last, compress and stage its rows."""
+        before = job.fed
+        try:
+            done = job.advance()
+            self._fed += job.fed - before
+            if not done:
+                return
+            self._job = None
+            state = job.finish()
+            reason = self._emit(seq, state.greedy())
+        except Exception as e:  # noqa: BLE001 - this request fails alone
+            self._staged, self._job = None, None
             self._finish(seq, error=e)
             return
         seq.compression, seq.stats, seq.position = state.compression, state.stats, state.position

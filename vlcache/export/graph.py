@@ -121,10 +121,13 @@ class GraphBuilder:
         return self.op("LayerNormalization", [x, scale, bias], axis=-1, epsilon=float(module.eps))
 
     def rms_norm(self, x: str, weight: Any, eps: float, name: str) -> str:
-        """Llama's RMSNorm: ``w · x / sqrt(mean(x²) + eps)`` over the last axis."""
-        var = self.reduce("ReduceMean", self.op("Mul", [x, x]), [-1])
-        inv = self.op("Reciprocal", [self.op("Sqrt", [self.op("Add", [var, self.const(eps, np.float32)])])])
-        return self.op("Mul", [self.op("Mul", [x, inv]), self.weight(f"{name}.weight", to_numpy(weight))])
+        """Llama's RMSNorm: ``w · x / sqrt(mean(x²) + eps)`` over the last axis.
+
+        Written as Pow → ReduceMean → Add → Sqrt → Div → Mul, the pattern ONNX Runtime fuses into one
+        ``SimplifiedLayerNormalization`` kernel (a Mul(x, x) / Reciprocal form stays seven ops)."""
+        var = self.reduce("ReduceMean", self.op("Pow", [x, self.const(2.0, np.float32)]), [-1])
+        norm = self.op("Div", [x, self.op("Sqrt", [self.op("Add", [var, self.const(eps, np.float32)])])])
+        return self.op("Mul", [norm, self.weight(f"{name}.weight", to_numpy(weight))])
 
     def activation(self, x: str, kind: str) -> str:
         """The transformers activations LLaVA towers, projectors and decoders use."""

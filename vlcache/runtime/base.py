@@ -78,6 +78,9 @@ class Runner(ABC):
     """A backend executing one export directory (see :class:`~vlcache.export.spec.ExportSpec`)."""
 
     backend: ClassVar[str]
+    #: prompt tokens per decoder call of a prefill (:class:`vlcache.runtime.loop.PromptPrefill`); None:
+    #: the whole prompt in one call
+    prefill_chunk: int | None = None
 
     def __init__(self, directory: str | Path, spec: ExportSpec) -> None:
         self.directory = Path(directory)

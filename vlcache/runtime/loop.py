@@ -209,6 +209,95 @@ class GenerationState:
         self.kv.layers = []
 
 
+class PromptPrefill:
+    """Steps 1–2 for one prompt, one decoder call at a time (what :func:`prefill` runs to the end, and
+    what the batching scheduler interleaves with its decode steps).
+
+    The constructor checks the request, embeds the prompt and runs the vision tower; each
+    :meth:`advance` feeds the next ``runner.prefill_chunk`` prompt tokens (all of them when the runner
+    has no chunk size) into the cache buffers, at their positions, after the chunks before — a chunk's
+    queries see the keys before them and their own causal part, so the result is the whole-prompt
+    pass's; the query rows scoring needs (``query_start ..``) are collected as they come. When
+    :attr:`done`, :meth:`finish` scores, compresses and returns the :class:`GenerationState`.
+    ``prefill_seconds`` counts the vision tower and the chunks, not the time between them.
+    """
+
+    def __init__(
+        self,
+        runner: Runner,
+        input_ids: Any,
+        pixel_values: Any = None,
+        config: CompressionConfig | None = None,
+        *,
+        max_new_tokens: int = 1,
+    ) -> None:
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        spec = runner.spec
+        config = config or CompressionConfig()
+        self.method = get_method(config)
+        ids = _as_ids(input_ids, spec.vocab_size)
+        m = ids.shape[1]
+        if m + max_new_tokens > spec.max_input_len:
+            raise ValueError(
+                f"prompt ({m} tokens) + max_new_tokens ({max_new_tokens}) exceeds the export's max_input_len "
+                f"({spec.max_input_len}); re-export with a larger max_input_len or shorten the prompt"
+            )
+        t0 = time.perf_counter()
+        self.runner, self.prompt_len, self.max_new_tokens = runner, m, max_new_tokens
+        self.embeds = runner.embed(ids)
+        _merge_images(runner, ids, self.embeds, pixel_values)
+        self.compression = Compression(
+            self.method, _layout(ids, spec.image_token_id), spec.num_layers, backend=runner.backend
+        )
+        chunk = runner.prefill_chunk
+        self.chunk = m if chunk is None else min(chunk, m)
+        # room for the whole generation: `full` decodes in these buffers, compaction moves the kept entries out
+        self.cache = runner.empty_cache(m + max_new_tokens)
+        self.fed = 0
+        self._queries: list[list[torch.Tensor]] = [[] for _ in range(spec.num_layers)]
+        self._logits: np.ndarray | None = None
+        self.prefill_seconds = time.perf_counter() - t0
+
+    @property
+    def done(self) -> bool:
+        """Every prompt token has been fed."""
+        return self.fed >= self.prompt_len
+
+    def advance(self) -> bool:
+        """Feed the next chunk; returns :attr:`done`."""
+        if self.done:
+            return True
+        t0 = time.perf_counter()
+        runner, start, end = self.runner, self.fed, min(self.fed + self.chunk, self.prompt_len)
+        positions = np.arange(start, end, dtype=np.int64)[None]
+        out = runner.forward(self.embeds[:, start:end], positions, self.cache)
+        self.cache, self._logits, self.fed = out.cache, out.logits[0], end
+        first = self.compression.query_start
+        if self.method.compresses and (end > first or self.done):  # the last chunk: τ may be 0 rows
+            for layer, rows in enumerate(self._queries):
+                rows_q = runner.to_torch(out.queries[layer])[:, :, max(first - start, 0) :]
+                rows.append(rows_q if self.done else rows_q.clone())  # a runner may reuse its outputs
+        self.prefill_seconds += time.perf_counter() - t0
+        return self.done
+
+    def finish(self) -> GenerationState:
+        """Score and compress (step 2); the prefill must be :attr:`done`."""
+        if not self.done or self._logits is None:
+            raise RuntimeError("finish() before every prompt chunk was fed")
+        t1 = time.perf_counter()
+        runner, compression = self.runner, self.compression
+        kv = RunnerCache(runner, self.cache, room=self.max_new_tokens)
+        if self.method.compresses:
+            for layer, rows in enumerate(self._queries):
+                queries = rows[0] if len(rows) == 1 else torch.cat(rows, dim=2)
+                compression.score_layer(kv, layer, queries, kv.keys(layer), runner.spec.attention_scale)
+        self._queries = []
+        compression.scoring_seconds = time.perf_counter() - t1  # conversions included
+        compression.compress(kv, prefill_seconds=self.prefill_seconds)
+        return GenerationState(runner, kv, self._logits, compression, position=self.prompt_len)
+
+
 def prefill(
     runner: Runner,
     input_ids: Any,
@@ -217,42 +306,15 @@ def prefill(
     *,
     max_new_tokens: int = 1,
 ) -> GenerationState:
-    """Encode the images, run the prompt and compress it (steps 1–2 above).
+    """Encode the images, run the prompt (in the runner's chunks) and compress it (steps 1–2 above).
 
     Args: as :func:`generate` (``max_new_tokens`` checks the export's ``max_input_len`` and sizes the
     KV buffers of runners that preallocate; stepping further still works, those buffers then grow).
     """
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    spec = runner.spec
-    config = config or CompressionConfig()
-    method = get_method(config)
-    ids = _as_ids(input_ids, spec.vocab_size)
-    m = ids.shape[1]
-    if m + max_new_tokens > spec.max_input_len:
-        raise ValueError(
-            f"prompt ({m} tokens) + max_new_tokens ({max_new_tokens}) exceeds the export's max_input_len "
-            f"({spec.max_input_len}); re-export with a larger max_input_len or shorten the prompt"
-        )
-
-    t0 = time.perf_counter()
-    embeds = runner.embed(ids)
-    _merge_images(runner, ids, embeds, pixel_values)
-    layout = _layout(ids, spec.image_token_id)
-    # room for the whole generation: `full` decodes in these buffers, compaction moves the kept entries out
-    out = runner.forward(embeds, np.arange(m, dtype=np.int64)[None], runner.empty_cache(m + max_new_tokens))
-    t1 = time.perf_counter()
-
-    kv = RunnerCache(runner, out.cache, room=max_new_tokens)
-    compression = Compression(method, layout, spec.num_layers, backend=runner.backend)
-    if method.compresses:
-        start = compression.query_start
-        for layer in range(spec.num_layers):
-            queries = runner.to_torch(out.queries[layer])[:, :, start:]
-            compression.score_layer(kv, layer, queries, kv.keys(layer), spec.attention_scale)
-    compression.scoring_seconds = time.perf_counter() - t1  # conversions included
-    compression.compress(kv, prefill_seconds=t1 - t0)
-    return GenerationState(runner, kv, out.logits[0], compression, position=m)
+    job = PromptPrefill(runner, input_ids, pixel_values, config, max_new_tokens=max_new_tokens)
+    while not job.advance():
+        pass
+    return job.finish()
 
 
 def stream(

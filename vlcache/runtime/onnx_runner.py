@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vlcache.config import DEFAULT_PREFILL_CHUNK
 from vlcache.core.sparsity import DEFAULT_THRESHOLD
 from vlcache.export import names
 from vlcache.export.spec import ExportSpec
@@ -58,6 +59,9 @@ class OnnxRunner(Runner):
         spec: its parsed ``export.json`` (read from ``directory`` when None).
         threads: intra-op threads (None: ONNX Runtime's default, one per physical core).
         providers: execution providers, default ``["CPUExecutionProvider"]``.
+        prefill_chunk: prompt tokens per decoder call of a prefill (None: the whole prompt at once).
+            Chunks write into the same buffers (fused) or append (standard) and give the same result;
+            causal attention then skips what a whole-prompt call computes above the diagonal.
     """
 
     backend = "onnx"
@@ -69,12 +73,18 @@ class OnnxRunner(Runner):
         *,
         threads: int | None = None,
         providers: list[str] | None = None,
+        prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
     ) -> None:
         super().__init__(directory, spec or ExportSpec.load(directory))
         ort = _import_ort()
         self._ort = ort
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
+        if prefill_chunk is not None and (
+            isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1
+        ):
+            raise ValueError(f"prefill_chunk must be a positive integer or None, got {prefill_chunk!r}")
+        self.prefill_chunk = prefill_chunk
         opts = ort.SessionOptions()
         if threads is not None:
             opts.intra_op_num_threads = threads

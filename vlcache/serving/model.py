@@ -7,8 +7,9 @@ Contract:
   threads, 0 = leave their defaults), ``device`` (``cuda`` becomes the instance's ``cuda:N``),
   ``max_batch_size`` (requests decoded together; empty = the build's, ``manifest.build.max_batch_size``),
   ``kv_cache_mb`` (the KV pool in MiB; empty = ``kv_cache_fraction`` of the memory available at
-  load, empty = :data:`vlcache.engine.pool.DEFAULT_POOL_FRACTION`); a bad value fails the load
-  with a one-line message. It refuses a config that is not decoupled; then it loads the engine on
+  load, empty = :data:`vlcache.engine.pool.DEFAULT_POOL_FRACTION`), ``max_prefill_tokens`` (prompt
+  tokens prefilled between two decode steps while a batch decodes, 0 = no limit; empty =
+  :data:`vlcache.config.DEFAULT_MAX_PREFILL_TOKENS`); a bad value fails the load with a one-line message. It refuses a config that is not decoupled; then it loads the engine on
   that device with :func:`vlcache.serving.load_engine` and serves it with a
   :class:`vlcache.serving.service.Service` (in-flight batching for ONNX Runtime artifacts; torch and
   TensorRT run one request at a time).
@@ -21,7 +22,8 @@ Contract:
   failure gets ``INTERNAL`` (message ``INTERNAL: <type>: <message>``). Every request gets exactly
   one final response; one request's failure leaves the others alone.
 * A request the client cancels (Triton marks it cancelled; the service polls it while it waits and
-  after each of its tokens) stops at the next token, gives its KV memory back at once, and is closed
+  after each of its tokens, asking Triton's process at most every :data:`CANCEL_POLL_INTERVAL`
+  seconds) stops within that time, gives its KV memory back at once, and is closed
   with a final response without outputs; other requests are not affected.
 * Metrics: the gauges of :data:`vlcache.serving.protocol.METRICS` are Triton custom metrics
   (``pb_utils.MetricFamily``, kind GAUGE) with labels ``model`` (the model's name) and ``instance``
@@ -40,6 +42,8 @@ import json
 import math
 import queue
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +54,9 @@ from vlcache.serving.request import InvalidRequest, Limits, parse_request
 
 #: the metrics publisher sets the gauges at most this often (seconds)
 METRICS_INTERVAL = 0.05
+#: a request's cancellation is asked of Triton at most this often (seconds): ``is_cancelled()`` is a
+#: round trip to Triton's process, and the scheduler polls every row after every token
+CANCEL_POLL_INTERVAL = 0.05
 
 
 def model_parameters(model_config: dict[str, Any]) -> dict[str, str]:
@@ -58,8 +65,11 @@ def model_parameters(model_config: dict[str, Any]) -> dict[str, str]:
     return {key: str(value.get("string_value", "")) for key, value in raw.items()}
 
 
-def _optional_number(params: dict[str, str], key: str, kind: type, low: float, high: float | None = None) -> Any:
-    """``params[key]`` as ``kind`` (None when empty or absent); ValueError naming the parameter."""
+def _optional_number(
+    params: dict[str, str], key: str, kind: type, low: float, high: float | None = None, *, inclusive: bool = False
+) -> Any:
+    """``params[key]`` as ``kind`` (None when empty or absent), ``> low`` (``>= low`` when ``inclusive``)
+    and ``<= high``; ValueError naming the parameter."""
     text = params.get(key, "").strip()
     if not text:
         return None
@@ -67,23 +77,27 @@ def _optional_number(params: dict[str, str], key: str, kind: type, low: float, h
         value = kind(text)
     except ValueError:
         value = None
-    ok = value is not None and math.isfinite(value) and value > low and (high is None or value <= high)
+    above = value is not None and (value >= low if inclusive else value > low)
+    ok = value is not None and math.isfinite(value) and above and (high is None or value <= high)
     if not ok:
-        bound = f"in ({low:g}, {high:g}]" if high is not None else f"> {low:g}"
+        opening, relation = ("[", ">=") if inclusive else ("(", ">")
+        bound = f"in {opening}{low:g}, {high:g}]" if high is not None else f"{relation} {low:g}"
         raise ValueError(
             f"model parameter {key} must be a{'n integer' if kind is int else ' number'} {bound}, got {text!r}"
         )
     return value
 
 
-def service_settings(params: dict[str, str]) -> tuple[int | None, int]:
-    """``(max_batch_size or None for the build's, KV pool bytes)`` from the model parameters."""
+def service_settings(params: dict[str, str]) -> tuple[int | None, int, int | None]:
+    """``(max_batch_size or None for the build's, KV pool bytes, max_prefill_tokens or None for
+    the default)`` from the model parameters."""
     from vlcache.engine.pool import DEFAULT_POOL_FRACTION, pool_bytes
 
     max_batch = _optional_number(params, "max_batch_size", int, 0)
     megabytes = _optional_number(params, "kv_cache_mb", float, 0)
     fraction = _optional_number(params, "kv_cache_fraction", float, 0, 1)
-    return max_batch, pool_bytes(megabytes, DEFAULT_POOL_FRACTION if fraction is None else fraction)
+    max_prefill = _optional_number(params, "max_prefill_tokens", int, 0, inclusive=True)
+    return max_batch, pool_bytes(megabytes, DEFAULT_POOL_FRACTION if fraction is None else fraction), max_prefill
 
 
 class MetricsExporter:
@@ -145,27 +159,31 @@ class MetricsExporter:
         self.families.clear()
 
 
+#: what a stream queues: a function building the response (on the sending thread), or None
+Build = Callable[[], Any] | None
+
+
 class _Outbox:
-    """Sends the responses on its own thread, in the order they were queued: a Python-backend
-    ``send`` waits for Triton's process, and the scheduler's thread should be deciding the next
-    decode step meanwhile (the step's ONNX Runtime call releases the GIL)."""
+    """Builds and sends the responses on its own thread, in the order they were queued: a
+    Python-backend ``send`` waits for Triton's process, and the scheduler's thread should be deciding
+    the next decode step meanwhile (the step's ONNX Runtime call releases the GIL)."""
 
     def __init__(self) -> None:
         self.closed = False
-        self._queue: queue.SimpleQueue[tuple[_Stream, Any, int] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[_Stream, Build, int] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="vlcache-responses", daemon=True)
         self._thread.start()
 
-    def put(self, stream: _Stream, response: Any, flags: int) -> None:
-        self._queue.put((stream, response, flags))
+    def put(self, stream: _Stream, build: Build, flags: int) -> None:
+        self._queue.put((stream, build, flags))
 
     def _run(self) -> None:
         while True:
             item = self._queue.get()
             if item is None:
                 return
-            stream, response, flags = item
-            stream._send(response, flags)
+            stream, build, flags = item
+            stream._send(build, flags)
 
     def close(self, timeout: float = 10.0) -> None:
         """Send what is queued, then stop (later responses are sent on the caller's thread)."""
@@ -184,25 +202,31 @@ class _Stream:
         self.sender = request.get_response_sender()
         self.closed = False
         self._cancelled = False
+        self._polled = -math.inf
         self._lock = threading.Lock()
 
     def cancelled(self) -> bool:
+        """Whether the client cancelled: asks Triton at most every ``model.cancel_poll_interval`` s."""
         if not self._cancelled:
-            self._cancelled = bool(self.request.is_cancelled())
+            now = time.monotonic()
+            if now - self._polled >= self.model.cancel_poll_interval:
+                self._polled = now
+                self._cancelled = bool(self.request.is_cancelled())
         return self._cancelled
 
-    def _queue(self, response: Any, flags: int) -> None:
+    def _queue(self, build: Build, flags: int) -> None:
         outbox = getattr(self.model, "outbox", None)
         if outbox is None or outbox.closed:
-            self._send(response, flags)
+            self._send(build, flags)
         else:
-            outbox.put(self, response, flags)
+            outbox.put(self, build, flags)
 
-    def _send(self, response: Any, flags: int) -> None:
+    def _send(self, build: Build, flags: int) -> None:
         final = flags == self.model.pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         if not final and self.cancelled():
             return
         try:
+            response = None if build is None else build()
             if response is None:
                 self.sender.send(flags=flags)
             elif final:
@@ -216,17 +240,17 @@ class _Stream:
 
     def text(self, delta: str) -> None:
         if delta and not self.closed and not self.cancelled():
-            self._queue(self.model._response(delta), 0)
+            self._queue(lambda: self.model._response(delta), 0)
 
-    def _final(self, response: Any | None) -> None:
+    def _final(self, build: Build) -> None:
         with self._lock:
             if self.closed:
                 return
             self.closed = True
-        self._queue(response, self.model.pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        self._queue(build, self.model.pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def error(self, message: str, code: str) -> None:
-        self._final(self.model._error(message, code))
+        self._final(lambda: self.model._error(message, code))
 
     def failed(self, error: BaseException) -> None:
         if isinstance(error, InvalidRequest):
@@ -242,13 +266,15 @@ class _Stream:
         elif stats is None or stats.get("finish_reason") == "cancelled" or self.cancelled():
             self._final(None)  # cancelled: an empty final response
         else:
-            self._final(self.model._response("", stats))
+            self._final(lambda: self.model._response("", stats))
 
 
 class ServedModel:
     """Base of the repository's ``TritonPythonModel`` (see the module docstring)."""
 
     pb_utils: Any = None
+    #: seconds between two questions to Triton about one request's cancellation
+    cancel_poll_interval: float = CANCEL_POLL_INTERVAL
 
     def initialize(self, args: dict[str, Any]) -> None:
         from vlcache.methods import available
@@ -261,7 +287,7 @@ class ServedModel:
         if not pb.using_decoupled_model_transaction_policy(config):
             raise ValueError("the vlcache model streams: its config needs model_transaction_policy { decoupled: true }")
         params = model_parameters(config)
-        max_batch_size, kv_cache_bytes = service_settings(params)  # checked before the (slow) load
+        max_batch_size, kv_cache_bytes, max_prefill_tokens = service_settings(params)  # checked before the (slow) load
         artifact = Path(params.get("artifact_dir", "../.."))
         if not artifact.is_absolute():
             artifact = Path(args["model_repository"]) / artifact
@@ -284,16 +310,22 @@ class ServedModel:
         self.outbox = _Outbox()
         try:
             self.service = Service(
-                self.engine, max_batch_size=max_batch_size, kv_cache_bytes=kv_cache_bytes, listener=self.metrics.update
+                self.engine,
+                max_batch_size=max_batch_size,
+                kv_cache_bytes=kv_cache_bytes,
+                max_prefill_tokens=max_prefill_tokens,
+                listener=self.metrics.update,
             )
         except BaseException:
             self.outbox.close()
             self.metrics.close()
             raise
         self.metrics.publish(self.service.metrics())  # once at load: every gauge exists from the start
+        prefill = self.service.max_prefill_tokens
+        limit = f"prefilling at most {prefill} prompt tokens between decode steps" if prefill else "no prefill limit"
         batching = (
             f"in-flight batching of up to {self.service.max_batch_size} requests over a KV pool of "
-            f"{self.service.kv_cache_bytes / 2**20:.1f} MiB"
+            f"{self.service.kv_cache_bytes / 2**20:.1f} MiB, {limit}"
             if self.service.batching
             else "one request at a time"
         )

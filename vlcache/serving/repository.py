@@ -13,9 +13,11 @@ Contract of :func:`render_repository`:
 * ``device`` defaults to ``cuda`` for the ``tensorrt`` backend (instances ``KIND_GPU``) and to
   ``cpu`` otherwise (``KIND_CPU``).
 * ``max_batch_size`` (requests decoded together per instance), ``kv_cache_mb`` (each instance's KV
-  pool, MiB) and ``kv_cache_fraction`` (the pool as a fraction of the memory available at load,
-  when ``kv_cache_mb`` is not set) are model parameters, rendered empty when not given: the model
-  then uses the build's ``max_batch_size`` and :data:`vlcache.engine.pool.DEFAULT_POOL_FRACTION`
+  pool, MiB), ``kv_cache_fraction`` (the pool as a fraction of the memory available at load,
+  when ``kv_cache_mb`` is not set) and ``max_prefill_tokens`` (prompt tokens prefilled between two
+  decode steps while a batch decodes, 0: no limit) are model parameters, rendered empty when not
+  given: the model then uses the build's ``max_batch_size``,
+  :data:`vlcache.engine.pool.DEFAULT_POOL_FRACTION` and :data:`vlcache.config.DEFAULT_MAX_PREFILL_TOKENS`
   (:mod:`vlcache.serving.model`). Triton's own ``max_batch_size`` stays 0: the model batches itself.
 * ``triton_repo/`` holds one model template per layout: ``vlcache/`` (every backend but ``trtllm``)
   and ``tensorrt_llm/``; a rendered repository holds just the one its backend serves.
@@ -102,6 +104,7 @@ def render_repository(
     max_batch_size: int | None = None,
     kv_cache_mb: float | None = None,
     kv_cache_fraction: float | None = None,
+    max_prefill_tokens: int | None = None,
 ) -> Path:
     """Render the model repository for ``artifact_dir`` into ``out`` (default ``ARTIFACT/triton``).
 
@@ -115,6 +118,8 @@ def render_repository(
         max_batch_size: requests decoded together per instance (None: the build's).
         kv_cache_mb: each instance's KV pool in MiB (None: ``kv_cache_fraction`` of the available memory).
         kv_cache_fraction: the pool as a fraction in (0, 1] of the memory available at load (None: 0.25).
+        max_prefill_tokens: prompt tokens each instance prefills between two decode steps while a batch
+            decodes, 0 for no limit (None: :data:`vlcache.config.DEFAULT_MAX_PREFILL_TOKENS`).
     """
     manifest = read_manifest(artifact_dir)
     if instances < 1:
@@ -129,6 +134,10 @@ def render_repository(
         raise RenderError(f"kv_cache_mb must be > 0, got {kv_cache_mb!r}")
     if kv_cache_fraction is not None and not (0 < kv_cache_fraction <= 1):
         raise RenderError(f"kv_cache_fraction must lie in (0, 1], got {kv_cache_fraction!r}")
+    if max_prefill_tokens is not None and (
+        not isinstance(max_prefill_tokens, int) or isinstance(max_prefill_tokens, bool) or max_prefill_tokens < 0
+    ):
+        raise RenderError(f"max_prefill_tokens must be an integer >= 0, got {max_prefill_tokens!r}")
     device = device or ("cuda" if manifest.backend == "tensorrt" else "cpu")
     if device not in ("cpu", "cuda"):
         raise RenderError(f"device must be cpu or cuda, got {device!r}")
@@ -155,6 +164,7 @@ def render_repository(
         "max_batch_size": "" if max_batch_size is None else str(max_batch_size),
         "kv_cache_mb": "" if kv_cache_mb is None else str(float(kv_cache_mb)),
         "kv_cache_fraction": "" if kv_cache_fraction is None else str(float(kv_cache_fraction)),
+        "max_prefill_tokens": "" if max_prefill_tokens is None else str(max_prefill_tokens),
     }
     with atomic_dir(target, force=True, name="out", error=RenderError) as staging:
         _render_tree(_model_template(protocol.MODEL_NAME), staging / protocol.MODEL_NAME, values)

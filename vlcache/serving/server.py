@@ -204,12 +204,14 @@ class TritonServer:
         max_tokens_cap: int | None = None,
         max_batch_size: int | None = None,
         kv_cache_mb: float | None = None,
+        max_prefill_tokens: int | None = None,
         **kwargs: object,
     ) -> TritonServer:
         """Serve ``ARTIFACT/triton``, or a copy rendered with these settings when any is given
         (:func:`vlcache.serving.render_repository`; ``max_batch_size``: requests decoded together,
-        ``kv_cache_mb``: each instance's KV pool in MiB). The artifact is verified first (hashes,
-        versions: :func:`vlcache.artifact.verify_artifact`)."""
+        ``kv_cache_mb``: each instance's KV pool in MiB, ``max_prefill_tokens``: prompt tokens prefilled
+        between two decode steps, 0 for no limit). The artifact is verified first (hashes, versions:
+        :func:`vlcache.artifact.verify_artifact`)."""
         from vlcache.artifact import verify_artifact
         from vlcache.serving.repository import render_repository
 
@@ -229,6 +231,7 @@ class TritonServer:
                 "max_tokens_cap": max_tokens_cap,
                 "max_batch_size": max_batch_size,
                 "kv_cache_mb": kv_cache_mb,
+                "max_prefill_tokens": max_prefill_tokens,
             }.items()
             if v is not None
         }

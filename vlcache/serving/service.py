@@ -18,8 +18,11 @@ Contract of :class:`Service` (what :mod:`vlcache.serving.model` drives; the test
   place (:func:`vlcache.engine.scheduler.batches`: ONNX Runtime on the fused decoder) is served by
   the in-flight :class:`~vlcache.engine.scheduler.Scheduler` over a KV pool of ``kv_cache_bytes``
   (default: :data:`~vlcache.engine.pool.DEFAULT_POOL_FRACTION` of the available memory) with at most
-  ``max_batch_size`` rows (default: the build's, ``manifest.build.max_batch_size``). Every other engine (torch, TensorRT) runs one request at a time on a
-  worker thread (``pool_capacity_bytes`` 0 in the stats and metrics).
+  ``max_batch_size`` rows (default: the build's, ``manifest.build.max_batch_size``), prefilling at
+  most ``max_prefill_tokens`` prompt tokens between two decode steps while a batch decodes (default:
+  :data:`~vlcache.config.DEFAULT_MAX_PREFILL_TOKENS`; 0: no limit). Every other engine (torch,
+  TensorRT) runs one request at a time on a worker thread (``pool_capacity_bytes`` 0 in the stats
+  and metrics; ``max_prefill_tokens`` does not apply).
 * ``metrics()``: the gauges of :data:`vlcache.serving.protocol.METRICS` by name; ``listener`` (if
   given) is called with them on the service's thread whenever they may have changed.
 * ``close()``: open requests end with an error; the thread stops.
@@ -62,8 +65,10 @@ class Service:
         *,
         max_batch_size: int | None = None,
         kv_cache_bytes: int | None = None,
+        max_prefill_tokens: int | None = None,
         listener: MetricsListener | None = None,
     ) -> None:
+        from vlcache.config import DEFAULT_MAX_PREFILL_TOKENS
         from vlcache.engine.pool import pool_bytes
         from vlcache.engine.scheduler import Scheduler, batches
 
@@ -77,6 +82,7 @@ class Service:
                 engine.runner,
                 pool_bytes=kv_cache_bytes if kv_cache_bytes is not None else pool_bytes(),
                 max_batch_size=max_batch_size or engine.manifest.build.max_batch_size,
+                max_prefill_tokens=DEFAULT_MAX_PREFILL_TOKENS if max_prefill_tokens is None else max_prefill_tokens,
                 listener=self._scheduler_metrics if listener is not None else None,
             )
         else:
@@ -93,6 +99,10 @@ class Service:
     @property
     def kv_cache_bytes(self) -> int:
         return self.scheduler.pool.capacity if self.scheduler is not None else 0
+
+    @property
+    def max_prefill_tokens(self) -> int:
+        return self.scheduler.max_prefill_tokens if self.scheduler is not None else 0
 
     # --- requests ------------------------------------------------------------------------------
     def submit(
