@@ -68,6 +68,16 @@ def _submit_all(scheduler, reqs, **kw):
     return seqs
 
 
+def _assert_solo_results(seqs, solo, reqs) -> None:
+    """Each request's tokens, kept sets and decode evictions are those of its solo run."""
+    for seq, ref, (_, config, _) in zip(seqs, solo, reqs, strict=True):
+        where = f"{config.method} at {config.budget}"
+        assert seq.error is None, (where, seq.error)
+        assert seq.tokens == ref.tokens, where
+        assert seq.stats is not None and seq.stats.kept_per_layer == ref.stats.kept_per_layer, where
+        assert seq.stats.decode_evictions == ref.stats.decode_evictions, where
+
+
 @pytest.mark.parametrize("max_batch_size", [1, 4, 16])
 def test_batched_tokens_and_stats_equal_solo_runs_for_mixed_methods_and_budgets(model_and_runner, max_batch_size):
     model, runner = model_and_runner
@@ -78,14 +88,8 @@ def test_batched_tokens_and_stats_equal_solo_runs_for_mixed_methods_and_budgets(
         seqs = _submit_all(sched, reqs)
     finally:
         sched.close()
-    for seq, ref, (_, config, _) in zip(seqs, solo, reqs, strict=True):
-        where = f"{config.method} at {config.budget}"
-        assert seq.error is None, (where, seq.error)
-        assert seq.tokens == ref.tokens, where
-        assert seq.finish_reason == "length"
-        assert seq.stats is not None
-        assert seq.stats.kept_per_layer == ref.stats.kept_per_layer, where
-        assert seq.stats.decode_evictions == ref.stats.decode_evictions, where
+    _assert_solo_results(seqs, solo, reqs)
+    assert all(seq.finish_reason == "length" for seq in seqs)
     sizes = [max(s.batch_sizes, default=0) for s in seqs]
     assert max(sizes) <= max_batch_size
     if max_batch_size > 1:
@@ -129,12 +133,7 @@ def test_chunked_prefills_interleave_with_decode_steps_and_change_no_token(
         seqs = _submit_all(sched, reqs)
     finally:
         sched.close()
-    for seq, ref, (_, config, _) in zip(seqs, solo, reqs, strict=True):
-        where = f"{config.method} at {config.budget}"
-        assert seq.error is None, (where, seq.error)
-        assert seq.tokens == ref.tokens, where
-        assert seq.stats is not None and seq.stats.kept_per_layer == ref.stats.kept_per_layer, where
-        assert seq.stats.decode_evictions == ref.stats.decode_evictions, where
+    _assert_solo_results(seqs, solo, reqs)
     assert min(-(-s.prompt_len // 5) for s in seqs) > 2  # every prompt takes several chunks
     # prompt tokens fed between two decode steps, after steps that left rows decoding
     first_step = next(i for i, (kind, _) in enumerate(log) if kind == "step")
