@@ -4,7 +4,9 @@
 Semantics are those of the torch backend (:func:`vlcache.generate`), step for step:
 
 1. The prompt's token embeddings get the image features scattered into the ``image_token_id``
-   positions (in order); the decoder runs once on the whole prompt at positions ``0 .. m-1``.
+   positions (in order); the decoder runs on the prompt at positions ``0 .. m-1``, in chunks of
+   ``runner.prefill_chunk`` tokens (:class:`PromptPrefill`; each chunk attends to the ones before it
+   in the same cache, so the result is the whole-prompt pass's), or all at once when that is None.
 2. :class:`vlcache.pipeline.Compression` — the pipeline every backend runs — scores each layer from
    its post-RoPE queries (rows ``method.query_start(layout) .. m-1``) and its cached keys (a method
    declaring post-vision scores through the runner's ``post_vision_stats`` op, others through
@@ -234,8 +236,7 @@ class PromptPrefill:
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         spec = runner.spec
-        config = config or CompressionConfig()
-        self.method = get_method(config)
+        method = get_method(config or CompressionConfig())
         ids = _as_ids(input_ids, spec.vocab_size)
         m = ids.shape[1]
         if m + max_new_tokens > spec.max_input_len:
@@ -248,7 +249,7 @@ class PromptPrefill:
         self.embeds = runner.embed(ids)
         _merge_images(runner, ids, self.embeds, pixel_values)
         self.compression = Compression(
-            self.method, _layout(ids, spec.image_token_id), spec.num_layers, backend=runner.backend
+            method, _layout(ids, spec.image_token_id), spec.num_layers, backend=runner.backend
         )
         chunk = runner.prefill_chunk
         self.chunk = m if chunk is None else min(chunk, m)
@@ -274,7 +275,7 @@ class PromptPrefill:
         out = runner.forward(self.embeds[:, start:end], positions, self.cache)
         self.cache, self._logits, self.fed = out.cache, out.logits[0], end
         first = self.compression.query_start
-        if self.method.compresses and (end > first or self.done):  # the last chunk: τ may be 0 rows
+        if self.compression.method.compresses and (end > first or self.done):  # the last chunk: τ may be 0 rows
             for layer, rows in enumerate(self._queries):
                 rows_q = runner.to_torch(out.queries[layer])[:, :, max(first - start, 0) :]
                 rows.append(rows_q if self.done else rows_q.clone())  # a runner may reuse its outputs
@@ -288,7 +289,7 @@ class PromptPrefill:
         t1 = time.perf_counter()
         runner, compression = self.runner, self.compression
         kv = RunnerCache(runner, self.cache, room=self.max_new_tokens)
-        if self.method.compresses:
+        if compression.method.compresses:
             for layer, rows in enumerate(self._queries):
                 queries = rows[0] if len(rows) == 1 else torch.cat(rows, dim=2)
                 compression.score_layer(kv, layer, queries, kv.keys(layer), runner.spec.attention_scale)
