@@ -18,6 +18,14 @@ What it measures, in one process, on one ``LlavaForConditionalGeneration`` with 
   each chunk after the ones before in the same buffers: causal attention skips the upper triangle);
   **onnx-fused-whole** (optional) is the same graph fed the whole prompt in one call, as
   **onnx-standard** is: the prefill as it ran before chunking.
+* **onnx-baseline** (optional, ``--baseline DIR``): an export of this same model made elsewhere —
+  typically by an older vlcache, to measure against the graph as it was — run whole-prompt by this
+  runner. ``--save-model DIR`` writes the benchmark's model as a HuggingFace checkpoint for that::
+
+      .venv/bin/python scripts/bench_runtime.py --context 8192 --save-model /tmp/m8k
+      git worktree add /tmp/old <commit>      # then, with /tmp/old first on PYTHONPATH:
+      python -c "from transformers import LlavaForConditionalGeneration as L; from vlcache.export import export_llava; export_llava(L.from_pretrained('/tmp/m8k').eval(), '/tmp/old-export', max_input_len=8300)"
+      .venv/bin/python scripts/bench_runtime.py --context 8192 --backends onnx-fused,onnx-baseline --baseline /tmp/old-export
 
 Every backend runs the same compression pipeline (``vlcache.pipeline``) and the same token stream
 (``vlcache.stream.TokenStream``); a decode step is timed by the stream (feeding one token).
@@ -84,8 +92,9 @@ QUICK_RUN = {
 #: ``--vocab`` (not :data:`vlcache.hf.tiny.IMAGE_TOKEN`, the tiny test model's).
 RANDOM_LLAVA_IMAGE_TOKEN_ID = 31999
 #: what runs: torch, and the ONNX Runtime runner on each decoder graph (``onnx-<attention>``);
-#: ``onnx-fused-whole`` is the fused graph fed the whole prompt in one call (no chunked prefill)
-BACKENDS = ("torch", "onnx-standard", "onnx-fused", "onnx-fused-whole")
+#: ``onnx-fused-whole`` is the fused graph fed the whole prompt in one call (no chunked prefill);
+#: ``onnx-baseline`` is the export given by ``--baseline``
+BACKENDS = ("torch", "onnx-standard", "onnx-fused", "onnx-fused-whole", "onnx-baseline")
 DEFAULT_BACKENDS = ("torch", "onnx-standard", "onnx-fused")
 
 
@@ -130,6 +139,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="prompt tokens per decoder call of onnx-fused's prefill (onnx-standard and onnx-fused-whole feed the "
         "whole prompt at once: the graphs as they ran before chunked prefill)",
     )
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="an export directory of this same model made elsewhere (e.g. by an older vlcache), run as backend "
+        "onnx-baseline with the whole prompt per call",
+    )
+    p.add_argument(
+        "--save-model",
+        type=Path,
+        default=None,
+        help="write the benchmark's model as a HuggingFace checkpoint to this directory and exit",
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     base = QUICK_RUN if args.quick else FULL_RUN
@@ -151,6 +173,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = sorted(set(args.backend_list) - set(BACKENDS))
     if unknown or not args.backend_list or len(set(args.backend_list)) != len(args.backend_list):
         p.error(f"--backends takes distinct names among {', '.join(BACKENDS)}, got {args.backends!r}")
+    if ("onnx-baseline" in args.backend_list) != (args.baseline is not None):
+        p.error("backend onnx-baseline and --baseline DIR go together")
+    if args.baseline is not None and not (args.baseline / "export.json").is_file():
+        p.error(f"--baseline {args.baseline}: no export.json there")
     return args
 
 
@@ -254,6 +280,10 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     model = build_model(args)
+    if args.save_model is not None:
+        model.save_pretrained(args.save_model)
+        print(f"wrote the benchmark's model to {args.save_model}")
+        return 0
     inputs = build_inputs(model, args)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     m = inputs["input_ids"].shape[1]
@@ -271,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
         runners: dict[str, Any] = {}
         for backend in backends:
             if not backend.startswith("onnx-"):
+                continue
+            if backend == "onnx-baseline":
+                runners[backend] = OnnxRunner(args.baseline, threads=args.threads, prefill_chunk=None)
                 continue
             attention = backend.removeprefix("onnx-").removesuffix("-whole")
             folder = f"{tmp}/{attention}"
@@ -331,12 +364,16 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:  # speed ratios (> 1: faster than the reference)
         torch_r = by.get(("torch", r["budget"]))
         std_r = by.get(("onnx-standard", r["budget"]))
+        base_r = by.get(("onnx-baseline", r["budget"]))
         if torch_r is not None:
             r["prefill_speed_vs_torch"] = _ratio(torch_r["prefill_s"], r["prefill_s"])
             r["decode_speed_vs_torch"] = _ratio(torch_r["decode_ms_per_token"], r["decode_ms_per_token"])
         if std_r is not None and r["backend"].startswith("onnx-fused"):
             r["prefill_speed_vs_standard"] = _ratio(std_r["prefill_s"], r["prefill_s"])
             r["decode_speed_vs_standard"] = _ratio(std_r["decode_ms_per_token"], r["decode_ms_per_token"])
+        if base_r is not None and r["backend"].startswith("onnx-fused"):
+            r["prefill_speed_vs_baseline"] = _ratio(base_r["prefill_s"], r["prefill_s"])
+            r["decode_speed_vs_baseline"] = _ratio(base_r["decode_ms_per_token"], r["decode_ms_per_token"])
     print()
     header = (
         f"{'budget':>6} {'backend':>16} {'prefill s':>9} {'scoring s':>9} {'decode ms/tok':>13} "
@@ -361,11 +398,12 @@ def main(argv: list[str] | None = None) -> int:
             )
         for name in ("onnx-fused", "onnx-fused-whole"):
             fused = by.get((name, budget))
-            if fused is not None and "prefill_speed_vs_standard" in fused:
-                print(
-                    f"{'':>6} {name.removeprefix('onnx-')} vs standard: prefill {fused['prefill_speed_vs_standard']:.2f}x, "
-                    f"decode {fused['decode_speed_vs_standard']:.2f}x"
-                )
+            for ref in ("standard", "baseline"):
+                if fused is not None and f"prefill_speed_vs_{ref}" in fused:
+                    print(
+                        f"{'':>6} {name.removeprefix('onnx-')} vs {ref}: prefill {fused[f'prefill_speed_vs_{ref}']:.2f}x, "
+                        f"decode {fused[f'decode_speed_vs_{ref}']:.2f}x"
+                    )
     summary = {
         "model": {
             "hidden": args.hidden,

@@ -95,48 +95,57 @@ def _attr_constant(out: str, attr: str) -> onnx.NodeProto:
 
 
 def post_vision_stats_function(opset: int) -> onnx.FunctionProto:
-    """The :class:`~onnx.FunctionProto` defining ``vlcache.PostVisionStats`` with standard ops."""
+    """The :class:`~onnx.FunctionProto` defining ``vlcache.PostVisionStats`` with standard ops.
+
+    Written for few passes over the (B, H_kv, G, τ, m) attention, the only large tensor: the scale
+    multiplies the τ·D queries, the causal mask (τ, m) broadcasts over heads, ``Softmax`` gives the
+    probabilities in one kernel, and the density counts ``probs < p · rowmax(probs)`` (the same
+    entries as ``e < p`` with e = exp(logit − rowmax): probs = e / Σe and rowmax(probs) = 1 / Σe).
+    Hidden entries have probability 0, so they are counted too when p > 0 and subtracted in closed
+    form: H_q · (τ·m − Σ_r (query_start + r + 1)).
+    """
     b = GraphBuilder(check_opset(opset), prefix="pvs_")
-    f32 = TensorProto.FLOAT
+    f32, f64 = TensorProto.FLOAT, TensorProto.DOUBLE
     q = b.op("Cast", ["queries"], to=f32)
     k = b.op("Cast", ["keys"], to=f32)
     bsz, h_q, tau, d = (b.shape_dim(q, i) for i in range(4))
     h_kv, m = b.shape_dim(k, 1), b.shape_dim(k, 2)
     group = b.op("Div", [h_q, h_kv])  # (1,) int64
-    rows_per_kv = b.op("Concat", [bsz, h_kv, b.const([-1]), d], axis=0)
-    qg = b.op("Reshape", [q, rows_per_kv])  # (B, H_kv, G·τ, D): the G heads of a group, stacked
-    logits = b.op("MatMul", [qg, b.op("Transpose", [k], perm=[0, 1, 3, 2])])  # (B, H_kv, G·τ, m)
-    # scale attribute, 0 -> 1/sqrt(D)
+    # scale attribute, 0 -> 1/sqrt(D); applied to the τ·D queries, not the τ·m logits
     b.nodes.append(_attr_constant("pvs_scale_attr", "scale"))
     default_scale = b.op("Reciprocal", [b.op("Sqrt", [b.op("Cast", [d], to=f32)])])
     is_zero = b.op("Equal", ["pvs_scale_attr", b.const(0.0, "float32")])
     scale = b.op("Where", [is_zero, default_scale, "pvs_scale_attr"])
-    logits = b.op("Mul", [logits, scale])
-    # causal mask of the τ rows at positions query_start.., tiled over the G heads of a group
+    rows_per_kv = b.op("Concat", [bsz, h_kv, b.const([-1]), d], axis=0)
+    qg = b.op("Reshape", [b.op("Mul", [q, scale]), rows_per_kv])  # (B, H_kv, G·τ, D): a group's heads stacked
+    logits = b.op("MatMul", [qg, b.op("Transpose", [k], perm=[0, 1, 3, 2])])  # (B, H_kv, G·τ, m)
+    logits = b.op("Reshape", [logits, b.op("Concat", [bsz, h_kv, group, tau, m], axis=0)])  # (B, H_kv, G, τ, m)
+    # causal mask of the τ rows at positions query_start.., broadcast over batch, heads and group
     start = "query_start"
     n_rows = b.scalar(tau)
     rows = b.unsqueeze(b.op("Range", [start, b.op("Add", [start, n_rows]), b.const(1)]), [1])  # (τ, 1)
     cols = b.op("Range", [b.const(0), b.scalar(m), b.const(1)])  # (m,)
     hidden = b.op("Greater", [cols, rows])  # (τ, m)
     neg = b.op("Where", [hidden, b.const(float("-inf"), "float32"), b.const(0.0, "float32")])
-    neg_g = b.op("Tile", [neg, b.op("Concat", [group, b.const([1])], axis=0)])  # (G·τ, m)
-    logits = b.op("Add", [logits, neg_g])
-    e = b.op("Exp", [b.op("Sub", [logits, b.reduce("ReduceMax", logits, [-1])])])
-    probs = b.op("Div", [e, b.reduce("ReduceSum", e, [-1])])
-    col_sums = b.reduce("ReduceSum", probs, [2], keepdims=0)  # (B, H_kv, m): Σ over rows and group
+    probs = b.op("Softmax", [b.op("Add", [logits, neg])], axis=-1)
+    col_sums = b.reduce("ReduceSum", probs, [2, 3], keepdims=0)  # (B, H_kv, m): Σ over the group's rows
     b.op("Div", [col_sums, b.op("Cast", [group], to=f32)], outputs=["scores"])
-    # density: zeroed visible entries over H_q · Σ_rows visible
+    # density = 1 − zeroed / (H_q · Σ_rows visible); per-row counts stay exact in float32 (m < 2^24)
     b.nodes.append(_attr_constant("pvs_threshold", "threshold"))
-    visible = b.op("Equal", [neg_g, b.const(0.0, "float32")])
-    below = b.op("And", [b.op("Less", [e, "pvs_threshold"]), visible])
-    zeroed = b.reduce("ReduceSum", b.op("Cast", [below], to=TensorProto.INT64), [1, 2, 3], keepdims=0)  # (B,)
+    cut = b.op("Mul", [b.reduce("ReduceMax", probs, [-1]), "pvs_threshold"])
+    below_rows = b.reduce("ReduceSum", b.op("Cast", [b.op("Less", [probs, cut])], to=f32), [-1], keepdims=0)
+    below = b.reduce("ReduceSum", b.op("Cast", [below_rows], to=f64), [1, 2, 3], keepdims=0)  # (B,)
     # Σ_{r<τ} (query_start + r + 1) = τ·query_start + τ(τ+1)/2
     tri = b.op("Div", [b.op("Mul", [n_rows, b.op("Add", [n_rows, b.const(1)])]), b.const(2)])
     seen = b.op("Add", [b.op("Mul", [n_rows, start]), tri])
-    total = b.op("Cast", [b.op("Mul", [b.scalar(h_q), seen])], to=TensorProto.DOUBLE)
+    total = b.op("Cast", [b.op("Mul", [b.scalar(h_q), seen])], to=f64)
+    hidden_count = b.op(
+        "Cast", [b.op("Mul", [b.scalar(h_q), b.op("Sub", [b.op("Mul", [n_rows, b.scalar(m)]), seen])])], to=f64
+    )
+    counts_hidden = b.op("Greater", ["pvs_threshold", b.const(0.0, "float32")])  # 0 < p·rowmax: hidden 0s are below
+    zeroed = b.op("Sub", [below, b.op("Where", [counts_hidden, hidden_count, b.const(0.0, "float64")])])
     safe_total = b.op("Max", [total, b.const(1.0, "float64")])
-    frac = b.op("Div", [b.op("Cast", [zeroed], to=TensorProto.DOUBLE), safe_total])
-    dens = b.op("Sub", [b.const(1.0, "float64"), frac])
+    dens = b.op("Sub", [b.const(1.0, "float64"), b.op("Div", [zeroed, safe_total])])
     dens = b.op("Where", [b.op("Greater", [total, b.const(0.0, "float64")]), dens, b.const(1.0, "float64")])
     b.op("Cast", [dens], to=f32, outputs=["density"])
     return _function(
