@@ -44,6 +44,8 @@ from _timing import median_ms, round_robin
 from onnx import TensorProto, helper, numpy_helper
 
 KERNELS = ("gqa", "gqa-folded", "grouped-ops", "torch", "onnx-attention")
+#: what a kernel builder returns: (one call, that call's output as (B, 1, H_q·D))
+Kernel = tuple[Callable[[], Any], Callable[[], np.ndarray]]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -124,7 +126,7 @@ class Case:
         return int(self.lengths.sum()) * self.hkv * self.d * 4 * 2
 
 
-def gqa(case: Case, threads: int) -> tuple[Callable[[], np.ndarray], Any]:
+def gqa(case: Case, threads: int) -> Kernel:
     node = helper.make_node(
         "GroupQueryAttention",
         ["q", "k", "v", "pk", "pv", "seqlens", "total"],
@@ -154,7 +156,7 @@ def gqa(case: Case, threads: int) -> tuple[Callable[[], np.ndarray], Any]:
     return lambda: sess.run_with_iobinding(io), lambda: io.copy_outputs_to_cpu()[0]
 
 
-def gqa_folded(case: Case, threads: int) -> tuple[Callable[[], None], Any]:
+def gqa_folded(case: Case, threads: int) -> Kernel:
     g, b, hkv, d = case.group, case.b, case.hkv, case.d
     names = ["q", "k", "v", "pk", "pv", "seqlens", "total", "", "", "", "bias", "", "", "", "", "", "qlens"]
     node = helper.make_node(
@@ -194,7 +196,7 @@ def gqa_folded(case: Case, threads: int) -> tuple[Callable[[], None], Any]:
     return lambda: sess.run_with_iobinding(io), output
 
 
-def grouped_ops(case: Case, threads: int) -> tuple[Callable[[], None], Any]:
+def grouped_ops(case: Case, threads: int) -> Kernel:
     hkv, g, d, hq = case.hkv, case.group, case.d, case.hq
     n = helper.make_node
     nodes = [
@@ -239,7 +241,7 @@ def grouped_ops(case: Case, threads: int) -> tuple[Callable[[], None], Any]:
     return lambda: sess.run_with_iobinding(io), lambda: io.copy_outputs_to_cpu()[0]
 
 
-def torch_grouped(case: Case, threads: int) -> tuple[Callable[[], None], Any]:
+def torch_grouped(case: Case, threads: int) -> Kernel:
     torch.set_num_threads(threads)
     b, hkv, g, d, c = case.b, case.hkv, case.group, case.d, case.c
     q = torch.from_numpy(case.q).reshape(b, hkv, g, d) * case.scale
@@ -259,7 +261,7 @@ def torch_grouped(case: Case, threads: int) -> tuple[Callable[[], None], Any]:
     return run, lambda: result[0].reshape(b, 1, case.hq * d).numpy()
 
 
-def onnx_attention(case: Case, threads: int) -> tuple[Callable[[], None], Any]:
+def onnx_attention(case: Case, threads: int) -> Kernel:
     b, hq, hkv, d = case.b, case.hq, case.hkv, case.d
     length = int(case.lengths.max())
     node = helper.make_node(
